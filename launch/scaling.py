@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy.optimize import minimize
-from scipy.special import logsumexp, softmax
+from scipy.special import logsumexp
 
 from medfm.schema import ConfigError
 
@@ -136,9 +136,12 @@ def _objective(theta: np.ndarray, logx: np.ndarray, logy: np.ndarray, delta: flo
     k = logx.shape[1]
     a, alpha, e = theta[:k], theta[k:2 * k], theta[2 * k]
     z = np.concatenate([a[None, :] - alpha[None, :] * logx, np.full((len(logy), 1), e)], axis=1)  # [n, k+1]
-    pred = logsumexp(z, axis=1)
+    zmax = z.max(axis=1, keepdims=True)  # hand-written log-sum-exp/softmax: scipy's add ~10x overhead at this size
+    ez = np.exp(z - zmax)
+    total = ez.sum(axis=1, keepdims=True)
+    pred = (zmax + np.log(total))[:, 0]
     value, dr = _huber(pred - logy, delta)
-    w = softmax(z, axis=1) * dr[:, None]  # d objective / d z
+    w = ez / total * dr[:, None]  # d objective / d z
     grad = np.concatenate([w[:, :k].sum(0), -(w[:, :k] * logx).sum(0), [w[:, k].sum()]])
     return value.sum() / len(logy), grad / len(logy)
 
@@ -174,14 +177,20 @@ def fit_law(xs: list[np.ndarray], loss: np.ndarray, variables: tuple[str, ...], 
     if starts is None:
         grid = _init_grid(logy, k)
         starts = grid[np.argsort(_grid_values(grid, logx, logy, delta))[:n_starts]]
+    # Optimise with centred log-variables (a' = a − α·mean log X): the same optimum, but a' and α are no longer
+    # strongly correlated, so L-BFGS converges in a few dozen iterations instead of hundreds.
+    centre = logx.mean(0)
     bounds = [(None, None)] * k + [(0.0, 5.0)] * k + [(None, None)]
     best = None
     for start in np.atleast_2d(starts):
-        res = minimize(_objective, start, args=(logx, logy, delta), jac=True, method="L-BFGS-B", bounds=bounds,
-                       options={"maxiter": 3000, "ftol": 1e-15, "gtol": 1e-10})
+        x0 = start.copy()
+        x0[:k] = start[:k] - start[k:2 * k] * centre
+        res = minimize(_objective, x0, args=(logx - centre, logy, delta), jac=True, method="L-BFGS-B",
+                       bounds=bounds, options={"maxiter": 3000, "ftol": 1e-12, "gtol": 1e-7})
         if np.all(np.isfinite(res.x)) and (best is None or res.fun < best.fun):
             best = res
-    theta = best.x
+    theta = best.x.copy()
+    theta[:k] = best.x[:k] + best.x[k:2 * k] * centre
     z = np.concatenate([theta[:k][None] - theta[k:2 * k][None] * logx, np.full((len(logy), 1), theta[2 * k])], axis=1)
     rmse = float(np.sqrt(np.mean((logsumexp(z, axis=1) - logy) ** 2)))
     return LawFit(variables=variables, E=float(math.exp(theta[2 * k])), coef=tuple(np.exp(theta[:k]).tolist()),
@@ -289,7 +298,7 @@ def fit_all(points: Points, budgets: list[Budget] | None = None, n_boot: int = 2
     logx = np.log(np.stack([points.n, points.d], 1))
     logy = np.log(points.loss)
     grid = _init_grid(logy, 2)
-    grid_best = grid[np.argsort(_grid_values(grid, logx, logy, HUBER_DELTA))[:3]]
+    grid_best = grid[np.argsort(_grid_values(grid, logx, logy, HUBER_DELTA))[:1]]
     for _ in iterator:
         idx = rng.integers(0, len(points.n), len(points.n))
         if len(np.unique(points.n[idx])) < 2 or len(np.unique(points.d[idx])) < 2:

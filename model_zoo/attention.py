@@ -31,7 +31,7 @@ BACKENDS = ("auto", "sdpa", "flash_attn", "xformers", "math")
 _FUSED_DTYPES = (torch.float16, torch.bfloat16)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _optional(module: str):
     """Import an optional kernel package once; None when it is missing or broken (e.g. built for another torch)."""
     try:
@@ -93,7 +93,7 @@ def _additive_mask(
     return torch.where(allowed, zero, torch.full((), neg, dtype=dtype, device=device))
 
 
-def _math(q, k, v, mask, dropout_p, scale):
+def _math_reference(q, k, v, mask, dropout_p, scale):
     """Reference: explicit softmax(QK^T)V, accumulated in float32."""
     qf, kf, vf = q.float(), k.float(), v.float()
     scores = torch.matmul(qf, kf.transpose(-2, -1)) * scale
@@ -175,7 +175,7 @@ def attention(
         return _xformers(q, k, v, key_padding_mask, causal, dropout_p, scale)
     if name == "math":
         mask = _additive_mask(key_padding_mask, causal, nq, nk, torch.float32, q.device)
-        return _math(q, k, v, mask, dropout_p, scale)
+        return _math_reference(q, k, v, mask, dropout_p, scale)
     if key_padding_mask is None:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
     mask = _additive_mask(key_padding_mask, causal, nq, nk, q.dtype, q.device)

@@ -43,13 +43,31 @@ def gather_features(x: torch.Tensor, gather_with_grad: bool = True, group=None) 
     if world == 1:
         return x
     if gather_with_grad:
-        import torch.distributed.nn.functional as dist_fn
-
-        return torch.cat(dist_fn.all_gather(x, group=group), dim=0)
+        return _GatherWithGrad.apply(x, group)
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x.detach().contiguous(), group=group)
     parts[rank] = x
     return torch.cat(parts, dim=0)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for this rank's rows (a reduce-scatter; written as
+    all_reduce + slice because gloo has no reduce_scatter)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        ctx.rows = x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        rank = dist.get_rank(ctx.group)
+        return grad[rank * ctx.rows:(rank + 1) * ctx.rows], None
 
 
 def gather_mask(mask: torch.Tensor, group=None) -> torch.Tensor:
@@ -115,6 +133,11 @@ class ClipLoss(nn.Module):
         if valid is None:
             valid = torch.ones(n_local, dtype=torch.bool, device=a.device)
         scale = logit_scale.float().clamp(max=MAX_LOGIT_SCALE).exp().reshape(())
+        if world > 1 and not self.gather_with_grad:
+            # Each rank holds the full global loss but its features only get the gradient of their local slice;
+            # scaling that gradient by W supplies the other ranks' (identical) contributions.
+            a = a + (world - 1) * (a - a.detach())
+            b = b + (world - 1) * (b - b.detach())
         all_a = gather_features(a, self.gather_with_grad, self.group)
         all_b = gather_features(b, self.gather_with_grad, self.group)
         all_valid = gather_mask(valid, self.group)
@@ -130,17 +153,13 @@ class ClipLoss(nn.Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor,
                 valid: torch.Tensor | None = None) -> torch.Tensor:
-        _, world = dist_info(self.group)
         logits_a, logits_b, labels, row_valid = self.logits(a, b, logit_scale, valid)
         ce = (F.cross_entropy(logits_a[row_valid], labels[row_valid], reduction="sum")
               + F.cross_entropy(logits_b[row_valid], labels[row_valid], reduction="sum")) / 2
         if self.local_loss:
             loss = share_of_global_mean(ce, row_valid.sum(), self.group)
         else:
-            # Every rank holds the full global loss; the local-only gradient path is scaled up to W times it.
-            loss = ce / row_valid.sum().float().clamp(min=1.0)
-            if world > 1 and not self.gather_with_grad:
-                loss = loss + (world - 1) * (loss - loss.detach())
+            loss = ce / row_valid.sum().float().clamp(min=1.0)  # every rank holds the full global loss
         return loss + _connected_zero(a, b, logit_scale)
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from medfm.shards.manifest import EHR_COLUMNS, MEMBER_NAMES, META_MEMBER, MODALITIES, SCHEMA_VERSION, SPLITS
 
 # Stable reasons (used as counters in verify/inspect/loader). Keep them short and never rename one.

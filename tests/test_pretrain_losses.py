@@ -63,15 +63,16 @@ def _losses(sl, valid_override=None):
 
 
 def _grads(loss, params):
-    gs = torch.autograd.grad(loss, params, allow_unused=True)
+    gs = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, gs)]
 
 
 def _worker(rank, port, out_path):
     errors = []
     try:
+        ref, ref_params = _losses(slice(None))  # one process, the whole global batch (before the world exists)
+        ref_grads = {name: _grads(loss, ref_params) for name, loss in ref.items()}
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-        ref, ref_params = _losses(slice(None))
         local, params = _losses(slice(rank * B, (rank + 1) * B))
         for name, loss in local.items():
             val = loss.detach().clone()
@@ -83,7 +84,7 @@ def _worker(rank, port, out_path):
             for g in grads:  # what DDP / ZeRO do to parameter gradients
                 dist.all_reduce(g)
                 g /= WORLD
-            for i, (g, r) in enumerate(zip(grads, _grads(ref[name], ref_params))):
+            for i, (g, r) in enumerate(zip(grads, ref_grads[name])):
                 if not torch.allclose(g, r, atol=1e-5, rtol=1e-4):
                     errors.append(f"{name}: grad {i} max diff {(g - r).abs().max().item():.3g}")
         dist.destroy_process_group()

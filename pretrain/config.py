@@ -1,0 +1,214 @@
+"""The run config: one typed tree composed from every part's config, loaded from YAML + dotted overrides.
+
+    name, run_dir
+    data:        medfm.shards.loader.LoaderConfig   (shards, mixing, step plan, batch size)
+    model:       medfm.model_zoo.MultiModalConfig   (towers, heads, decoders)
+    objectives:  [ObjectiveConfig]                  (name, weight, options)
+    optim / train / zero / checkpoint / tracking / eval   (this file)
+
+``load_run_config(path, overrides)`` is what ``medfm pretrain`` and ``medfm launch`` call; every error is one line
+naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from medfm.model_zoo import MultiModalConfig
+from medfm.pretrain.objectives import ObjectiveConfig
+from medfm.schema import ConfigError, load_yaml
+from medfm.shards.loader import LoaderConfig
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to ``lr * min_lr_ratio``; global-norm clipping."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.05  # not applied to biases, norms, embeddings of shape [1] (all params with ndim <= 1)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0  # 0 disables
+
+    def validate(self):
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optim.betas must be in [0, 1), got {list(self.betas)}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.grad_clip < 0:
+            raise ValueError(f"optim.grad_clip must be >= 0, got {self.grad_clip}")
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Multiplier of the base lr at optimizer step ``step`` (0-based): linear warmup, then cosine."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass
+class ZeroConfig:
+    """DeepSpeed ZeRO-3 options (strategy: zero3)."""
+
+    offload_optimizer: bool = False  # optimizer state + fp32 master weights on CPU
+    offload_params: bool = False
+    stage3_param_persistence_threshold: int = 100_000  # params smaller than this stay unpartitioned (0 = all)
+    stage3_prefetch_bucket_size: int = 50_000_000
+    reduce_bucket_size: int = 50_000_000
+    # Build under deepspeed.zero.Init (never fully materialised on one rank). Off by default until model_zoo towers
+    # initialise weights per leaf module (their whole-tower init pass sees partitioned, empty tensors).
+    zero_init: bool = False
+    overlap_comm: bool = False
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100  # optimizer steps
+    micro_batch: int = 0  # samples per rank per micro-step; 0 = data.batch_size (the two must agree)
+    grad_accum: int = 1
+    global_batch: int = 0  # optional check: must equal micro_batch * grad_accum * world_size
+    precision: Literal["fp32", "bf16"] = "fp32"
+    strategy: Literal["zero3", "ddp"] = "zero3"
+    seed: int = 0
+    log_every: int = 1
+    nan_guard: int = 3  # this many consecutive non-finite steps stop the run; 0 disables the stop
+    grad_checkpointing: list[str] = field(default_factory=list)  # towers that recompute activations in backward
+    tokenizer: Literal["tower", "bytes"] = "tower"  # text tokenizer: the text tower's HF one, or UTF-8 bytes
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0 = measure a dense matmul at start
+    progress: bool = True
+
+    def validate(self):
+        if self.steps < 1:
+            raise ValueError(f"train.steps must be >= 1, got {self.steps}")
+        if self.micro_batch < 0:
+            raise ValueError(f"train.micro_batch must be >= 0, got {self.micro_batch}")
+        if self.grad_accum < 1:
+            raise ValueError(f"train.grad_accum must be >= 1, got {self.grad_accum}")
+        if self.global_batch < 0:
+            raise ValueError(f"train.global_batch must be >= 0, got {self.global_batch}")
+        if self.global_batch and self.micro_batch and self.global_batch % (self.micro_batch * self.grad_accum):
+            raise ValueError(f"train.global_batch {self.global_batch} is not a multiple of micro_batch "
+                             f"{self.micro_batch} x grad_accum {self.grad_accum}")
+        if self.log_every < 1:
+            raise ValueError(f"train.log_every must be >= 1, got {self.log_every}")
+        if self.nan_guard < 0:
+            raise ValueError(f"train.nan_guard must be >= 0, got {self.nan_guard}")
+
+    def check_world(self, world_size: int) -> None:
+        """Batch arithmetic once the world size is known (raises ConfigError, one line)."""
+        if self.global_batch and self.global_batch != self.micro_batch * self.grad_accum * world_size:
+            raise ConfigError(
+                f"train.global_batch={self.global_batch} != micro_batch({self.micro_batch}) x "
+                f"grad_accum({self.grad_accum}) x world_size({world_size}) = "
+                f"{self.micro_batch * self.grad_accum * world_size}")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # save every N optimizer steps (0 = only at the end)
+    keep: int = 3  # keep the newest K step checkpoints
+    resume: str = ""  # "" = fresh run, "latest" = the newest complete checkpoint, or a tag (e.g. step15)
+    final: bool = True  # also save after the last step
+
+    def validate(self):
+        if self.every < 0:
+            raise ValueError(f"checkpoint.every must be >= 0, got {self.every}")
+        if self.keep < 1:
+            raise ValueError(f"checkpoint.keep must be >= 1, got {self.keep}")
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = ""  # "" = sqlite:///<run_dir>/mlflow.db ; or http://host:port
+    experiment: str = "medfm"
+    run_name: str = ""  # "" = the run's name
+    artifacts: bool = True  # resolved config + loss-curve PNG at the end
+    timeout_s: float = 5.0  # per-request HTTP timeout before the server counts as unreachable
+
+
+@dataclass
+class EvalHookConfig:
+    """A callable ``"package.module:function"`` called on every rank as ``fn(model, step, run_dir)`` every N steps
+    (e.g. a medfm.evals linear probe), so training code never imports evals (dependency direction)."""
+
+    every: int = 0
+    hook: str = ""
+
+    def validate(self):
+        if self.every and ":" not in self.hook:
+            raise ValueError(f"eval.hook must be 'package.module:function', got {self.hook!r}")
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    run_dir: str = "runs/run"
+    data: LoaderConfig = field(default_factory=LoaderConfig)
+    model: MultiModalConfig = field(default_factory=MultiModalConfig)
+    objectives: list[ObjectiveConfig] = field(default_factory=list)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalHookConfig = field(default_factory=EvalHookConfig)
+
+    def validate(self):
+        if not self.name or "/" in self.name:
+            raise ValueError(f"name must be a non-empty string without '/', got {self.name!r}")
+        if self.train.micro_batch == 0:
+            self.train.micro_batch = self.data.batch_size
+        elif self.train.micro_batch != self.data.batch_size:
+            raise ValueError(f"train.micro_batch ({self.train.micro_batch}) != data.batch_size "
+                             f"({self.data.batch_size}): the loader's batch is the micro-batch")
+        if self.train.global_batch and self.train.global_batch % (self.train.micro_batch * self.train.grad_accum):
+            raise ValueError(f"train.global_batch {self.train.global_batch} is not a multiple of micro_batch "
+                             f"{self.train.micro_batch} x grad_accum {self.train.grad_accum}")
+        if not self.objectives:
+            raise ValueError("objectives: at least one objective (e.g. {name: mae:image}) is required")
+        names = [o.name for o in self.objectives]
+        if len(set(names)) != len(names):
+            raise ValueError(f"objectives: duplicate name in {names}")
+        for i, o in enumerate(self.objectives):
+            try:
+                o.validate()
+            except ValueError as exc:
+                raise ValueError(f"objectives[{i}]: {exc}") from None
+            for m in o.modalities:
+                if m not in self.model.towers:
+                    raise ValueError(f"objectives[{i}] {o.name!r} needs model.towers.{m} (have "
+                                     f"{sorted(self.model.towers)})")
+            if o.kind == "mae" and o.modalities[0] not in self.model.mae:
+                raise ValueError(f"objectives[{i}] {o.name!r} needs '{o.modalities[0]}' in model.mae")
+            if o.kind == "caption" and not self.model.caption.enabled:
+                raise ValueError(f"objectives[{i}] {o.name!r} needs model.caption.enabled=true")
+        for g in getattr(getattr(self.data, "plan", None), "groups", []) or []:
+            for obj in g.objectives:
+                if obj not in names:
+                    raise ValueError(f"data.plan group {g.name!r} names objective {obj!r}, not in objectives {names}")
+        for t in self.train.grad_checkpointing:
+            if t not in self.model.towers:
+                raise ValueError(f"train.grad_checkpointing: no tower {t!r} (have {sorted(self.model.towers)})")
+
+    @property
+    def path(self) -> Path:
+        return Path(self.run_dir)
+
+
+def load_run_config(path, overrides=()) -> RunConfig:
+    """YAML file + ``key=value`` overrides -> validated RunConfig (ConfigError, one line, on any problem)."""
+    return load_yaml(path, RunConfig, overrides)

@@ -1,0 +1,253 @@
+"""One training-engine API over two strategies: DeepSpeed ZeRO-3 (``zero3``) and plain torch DDP (``ddp``).
+
+The loop (train.py) only calls ``forward / backward / grad_norms / step / save / load``; which strategy is behind
+them is a config switch, so the DDP baseline in the benchmarks runs exactly the same model, objectives, optimizer
+and schedule.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from medfm.pretrain.config import RunConfig, lr_factor
+from medfm.pretrain.ds_config import deepspeed_config
+from medfm.pretrain.objectives import PretrainModule, build_objective, check_objectives_fit_model
+
+
+def setup_environment() -> None:
+    """CPU-only hosts: DeepSpeed's CPU accelerator, without the shm-comm op (a 35 s JIT build) — before import."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the torchrun world (env:// variables), or make a world of one when run alone. Returns (rank, world)."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if "RANK" not in os.environ:  # alone: a world of one, so DeepSpeed and the collectives work unchanged
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def param_group_name(name: str) -> str:
+    """Grad-norm group of a parameter: ``towers.image``, ``mae_decoders.image``, ``heads``, ``caption_decoder``,
+    ``objectives.<i>`` (objective-owned modules such as an LM), or ``scalars``."""
+    parts = name.split(".")
+    if parts[0] == "model":
+        parts = parts[1:]
+        if parts[0] in ("towers", "mae_decoders"):
+            return f"{parts[0]}.{parts[1]}"
+        if parts[0] in ("logit_scale", "logit_bias"):
+            return "scalars"
+        return parts[0]
+    if parts[0] == "objectives":
+        return f"objectives.{parts[1]}"
+    return parts[0]
+
+
+def _ndim(p: torch.Tensor) -> int:
+    return len(getattr(p, "ds_shape", p.shape))
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no decay for biases, norms and [1]-shaped scalars (ndim <= 1), as in MAE / CLIP recipes."""
+    decay, no_decay = [], []
+    for _, p in module.named_parameters():
+        if p.requires_grad:
+            (decay if _ndim(p) >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class Engine:
+    """Build the model + objectives + optimizer + schedule for ``cfg`` and wrap them in the chosen strategy."""
+
+    def __init__(self, cfg: RunConfig, rank: int, world_size: int):
+        self.cfg = cfg
+        self.rank, self.world_size = rank, world_size
+        self.strategy = cfg.train.strategy
+        self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+        self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        self.micro_step = 0
+        self.ds_config = deepspeed_config(cfg, world_size) if self.strategy == "zero3" else None
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        self.module = self._build()
+        self.param_names = [n for n, _ in self.module.named_parameters()]
+        opt = torch.optim.AdamW(param_groups(self.module, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+        o, steps = cfg.optim, cfg.train.steps
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_factor(s, o.warmup_steps, steps, o.min_lr_ratio))
+        if self.strategy == "zero3":
+            import deepspeed
+
+            self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=self.module, optimizer=opt, lr_scheduler=sched, config=self.ds_config,
+                dist_init_required=False)
+            self.wrapped = self.ds
+        else:
+            self.module.to(self.device)
+            self.optimizer, self.scheduler = opt, sched
+            self.wrapped = (nn.parallel.DistributedDataParallel(self.module, find_unused_parameters=True)
+                            if world_size > 1 else self.module)
+        torch.manual_seed(cfg.train.seed * 1000 + rank)  # per-rank randomness (MAE masks) from here on
+
+    # -- construction ----------------------------------------------------------------------------------------
+    def _build(self) -> PretrainModule:
+        from medfm.model_zoo import build_multimodal
+
+        zero_init = self.strategy == "zero3" and self.cfg.zero.zero_init
+        if zero_init:
+            import deepspeed
+
+            ctx = deepspeed.zero.Init(config_dict_or_path=self.ds_config, dtype=self.dtype)
+        else:
+            ctx = nullcontext()
+        with ctx:
+            model = build_multimodal(self.cfg.model)
+        for tower in self.cfg.train.grad_checkpointing:
+            model.towers[tower].set_grad_checkpointing(True)
+        # Objective-owned modules (a transformers LM, projectors) are built outside zero.Init: from_pretrained
+        # must see whole tensors to load them; deepspeed.initialize partitions them right after.
+        objectives = [build_objective(o, model) for o in self.cfg.objectives]
+        check_objectives_fit_model(objectives, model)
+        module = PretrainModule(model, objectives)
+        if self.strategy == "zero3":
+            import deepspeed
+
+            # ZeRO-3 gathers a module's own parameters in *its* forward hook. The contrastive scalars and the
+            # towers' direct parameters (cls token, position/lead embeddings) are also read outside those
+            # forwards (losses, ``forward_masked``), so they are gathered for the whole PretrainModule forward.
+            for owner in [model, *model.towers.values()]:
+                for p in owner.parameters(recurse=False):
+                    deepspeed.zero.register_external_parameter(module, p)
+        if self.strategy == "ddp" and self.dtype == torch.bfloat16:
+            module = module.to(torch.bfloat16)
+        return module
+
+    # -- one micro-step --------------------------------------------------------------------------------------
+    @property
+    def grad_accum(self) -> int:
+        return self.cfg.train.grad_accum
+
+    def is_boundary(self) -> bool:
+        return (self.micro_step + 1) % self.grad_accum == 0
+
+    def to_device(self, batch: dict) -> dict:
+        out = {}
+        for k, v in batch.items():
+            if torch.is_tensor(v):
+                v = v.to(self.device, non_blocking=True)
+                if v.is_floating_point() and self.dtype != torch.float32:
+                    v = v.to(self.dtype)
+            out[k] = v
+        return out
+
+    def forward(self, batch: dict, plan=None):
+        """(losses dict, weighted total, tokens per modality) of one micro-batch."""
+        batch = self.to_device(batch)
+        if self.strategy == "ddp" and self.world_size > 1 and not self.is_boundary():
+            with self.wrapped.no_sync():
+                return self.wrapped(batch, plan)
+        return self.wrapped(batch, plan)
+
+    def backward(self, total: torch.Tensor) -> None:
+        if self.strategy == "zero3":
+            self.ds.backward(total)
+            return
+        ctx = self.wrapped.no_sync() if (self.world_size > 1 and not self.is_boundary()) else nullcontext()
+        with ctx:
+            (total / self.grad_accum).backward()
+
+    def grad_norms(self) -> dict[str, float]:
+        """L2 norm of the accumulated gradient per group (towers, decoders, heads...). Call at the boundary,
+        after the last backward and before ``step``. A collective under ZeRO-3 (each rank holds a partition)."""
+        groups: dict[str, int] = {}
+        sq = []
+        if self.strategy == "zero3":
+            from deepspeed.utils import safe_get_local_grad
+        for name, p in self.module.named_parameters():
+            key = param_group_name(name)
+            g = safe_get_local_grad(p) if self.strategy == "zero3" else p.grad
+            idx = groups.setdefault(key, len(groups))
+            while len(sq) <= idx:
+                sq.append(0.0)
+            if g is not None:
+                sq[idx] += float(g.detach().float().pow(2).sum())
+        totals = torch.tensor(sq, dtype=torch.float64)
+        if self.strategy == "zero3" and self.world_size > 1:
+            dist.all_reduce(totals)  # disjoint partitions: squared norms add up
+        return {k: float(totals[i].sqrt()) for k, i in groups.items()}
+
+    def step(self, skip: bool = False) -> None:
+        """Finish a micro-step; at the accumulation boundary apply (or, with ``skip``, discard) the update.
+
+        Under ZeRO-3 a skipped step has had its backward made NaN by the caller: DeepSpeed then finds the global
+        gradient norm invalid, drops the gradients and does not advance the LR schedule (stage3.step)."""
+        boundary = self.is_boundary()
+        if self.strategy == "zero3":
+            self.ds.step()
+        elif boundary:
+            if skip:
+                self.optimizer.zero_grad(set_to_none=True)
+            else:
+                if self.cfg.optim.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.grad_clip)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        self.micro_step += 1
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    # -- memory / inspection ---------------------------------------------------------------------------------
+    def local_param_bytes(self) -> int:
+        """Bytes of parameters this rank holds between steps (its ZeRO-3 partition, or everything under DDP)."""
+        total = 0
+        for p in self.module.parameters():
+            t = getattr(p, "ds_tensor", None) if self.strategy == "zero3" else None
+            t = p.data if t is None else t
+            total += t.numel() * t.element_size()
+        return total
+
+    def full_param_bytes(self) -> int:
+        return sum(int(torch.Size(getattr(p, "ds_shape", p.shape)).numel()) * p.element_size()
+                   for p in self.module.parameters())
+
+    def gathered_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full fp32 weights of the live model (a collective under ZeRO-3; every rank gets them)."""
+        if self.strategy != "zero3":
+            return {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
+        import deepspeed
+
+        out = {}
+        for name, p in self.module.named_parameters():
+            with deepspeed.zero.GatheredParameters([p]):
+                out[name] = p.detach().float().cpu().clone()
+        for name, b in self.module.named_buffers():
+            out[name] = b.detach().float().cpu().clone()
+        return out
+
+    def describe(self) -> str:
+        return json.dumps({"strategy": self.strategy, "world_size": self.world_size, "precision":
+                           self.cfg.train.precision, "params": sum(int(torch.Size(getattr(p, "ds_shape", p.shape))
+                                                                      .numel()) for p in self.module.parameters())})

@@ -1,0 +1,249 @@
+"""The training loop (torchtitan-style: short, explicit, every collective visible).
+
+One optimizer step = ``grad_accum`` micro-batches. Each micro-batch carries the loader's StepPlan, a pure function
+of (seed, step) that every rank computes identically, so every rank runs the same towers and objectives in the same
+order (ZeRO-3 gathers match; no mixed-modality hang). Per step: losses (mean over ranks = the global loss), lr,
+per-group gradient norms, samples/s, tokens/s, MFU; a NaN/Inf guard skips the step (all ranks agree through one
+all-reduce) and stops the run after ``nan_guard`` consecutive skips, naming the objective, with the last good
+checkpoint kept.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from medfm.pretrain.checkpoint import CheckpointManager, git_commit, rng_state, set_rng_state
+from medfm.pretrain.config import RunConfig
+from medfm.pretrain.engine import Engine, init_distributed, setup_environment
+from medfm.pretrain.tracking import Tracker, flatten
+from medfm.schema import ConfigError, to_dict
+
+
+@dataclass
+class RunResult:
+    status: str  # "finished" | "nan_stop"
+    step: int  # optimizer steps completed (incl. skipped ones)
+    losses: list[dict] = field(default_factory=list)  # per step, rank-mean losses
+    skipped: int = 0
+    message: str = ""
+    run_id: str | None = None
+
+
+def measure_peak_flops(dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
+    """Dense matmul FLOP/s of this device (the best of a few runs) — the MFU denominator when none is declared."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    a = torch.randn(n, n, device=dev, dtype=dtype)
+    b = torch.randn(n, n, device=dev, dtype=dtype)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+def build_data(cfg: RunConfig, engine: Engine, rank: int, world: int):
+    """The real medfm.shards loader for this rank, with the text tower's tokenizer when text is trained."""
+    from medfm.shards.collate import ByteTokenizer, HFTokenizer
+    from medfm.shards.loader import build_loader
+
+    tokenizer = None
+    if "text" in engine.module.model.towers:
+        tower = engine.module.model.towers["text"]
+        max_tokens = cfg.data.collate.text_max_tokens
+        if cfg.train.tokenizer == "bytes":
+            tokenizer = ByteTokenizer(max_tokens)
+            vocab = tower.hf_config.vocab_size
+            if vocab < ByteTokenizer.vocab_size:
+                raise ConfigError(f"train.tokenizer=bytes needs model.towers.text vocab_size >= "
+                                  f"{ByteTokenizer.vocab_size}, got {vocab}")
+        else:
+            tokenizer = HFTokenizer(tower.tokenizer, max_tokens)
+    return build_loader(cfg.data, rank=rank, world_size=world, tokenizer=tokenizer)
+
+
+class _Batches:
+    """Endless iteration over the loader (a new epoch when one ends) that keeps the loader's state current."""
+
+    def __init__(self, loader):
+        self.loader = loader
+        self._it = None
+
+    def __next__(self):
+        if self._it is None:
+            self._it = iter(self.loader)
+        try:
+            return next(self._it)
+        except StopIteration:
+            self._it = iter(self.loader)
+            return next(self._it)
+
+
+def _flops_of(fn):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = fn()
+    return out, counter.get_total_flops()
+
+
+def _call_hook(spec: str):
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"eval.hook: cannot import {spec!r} ({exc})") from None
+
+
+def run(cfg: RunConfig) -> RunResult:
+    """Train ``cfg`` as one rank of the current torchrun world (or alone)."""
+    setup_environment()
+    rank, world = init_distributed()
+    t = cfg.train
+    t.check_world(world)
+    run_dir = Path(cfg.run_dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    engine = Engine(cfg, rank, world)
+    loader = build_data(cfg, engine, rank, world)
+    batches = _Batches(loader)
+    ckpt = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint.keep, rank, world)
+    hook = _call_hook(cfg.eval.hook) if cfg.eval.every else None
+
+    start, samples_seen = 0, 0
+    if cfg.checkpoint.resume:
+        try:
+            tag = ckpt.resolve(cfg.checkpoint.resume)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        client = ckpt.load(engine, tag)
+        start, samples_seen = client["step"], client["samples_seen"]
+        loader.load_state_dict(client["loader"])
+        set_rng_state(client["rng"])
+    manifests = {s.name: s.fingerprint for s in loader.sources}
+    commit = git_commit()
+    tracker = Tracker(cfg.tracking, run_dir, rank, flatten(to_dict(cfg)),
+                      {"git_commit": commit, "world_size": str(world), "strategy": t.strategy,
+                       **{f"manifest.{k}": v for k, v in manifests.items()}},
+                      t.steps, start, progress=t.progress)
+    peak = t.peak_tflops * 1e12 if t.peak_tflops else measure_peak_flops(engine.dtype)
+    flops_by_group: dict[str, float] = {}
+    result = RunResult("finished", start)
+    consecutive_bad, bad_names = 0, []
+
+    def client_state(step: int) -> dict:
+        return {"step": step, "samples_seen": samples_seen, "loader": loader.state_dict(), "rng": rng_state(),
+                "config": to_dict(cfg), "manifests": manifests, "git_commit": commit, "world_size": world}
+
+    step = start
+    try:
+        while step < t.steps:
+            t0 = time.perf_counter()
+            skip, names_bad, loss_sums, tokens, flops = False, [], {}, 0, 0.0
+            norms = None
+            for _ in range(t.grad_accum):
+                batch = next(batches)
+                plan = batch.get("plan")
+                group = getattr(plan, "group", "all")
+                count = group not in flops_by_group
+
+                def fwd_bwd(batch=batch, plan=plan):
+                    nonlocal skip
+                    losses, total, tok = engine.forward(batch, plan)
+                    names = list(losses)
+                    vals = torch.stack([v.detach().float().reshape(()) for v in losses.values()]).cpu()
+                    bad = (~torch.isfinite(vals)).float()
+                    _all_reduce(bad, dist.ReduceOp.MAX)  # every rank agrees on skipping
+                    if bool(bad.any()):
+                        skip = True
+                        names_bad.extend(n for n, b in zip(names, bad.tolist()) if b)
+                        total = total * float("nan")  # makes every gradient NaN: DeepSpeed drops the step
+                    engine.backward(total)
+                    return names, vals, tok
+
+                if count:
+                    (names, vals, tok), f = _flops_of(fwd_bwd)
+                    flops_by_group[group] = f * t.grad_accum
+                else:
+                    names, vals, tok = fwd_bwd()
+                flops += flops_by_group[group] / t.grad_accum
+                for n, v in zip(names, vals.tolist()):
+                    loss_sums[n] = loss_sums.get(n, 0.0) + v / t.grad_accum
+                tokens += sum(tok.values())
+                if engine.is_boundary() and not skip and (step + 1) % t.log_every == 0:
+                    norms = engine.grad_norms()
+                engine.step(skip)
+            step += 1
+            samples_seen += t.micro_batch * t.grad_accum * world
+            dt = time.perf_counter() - t0
+            # Global (rank-mean) losses: each rank holds its share of the global mean (losses.py contract).
+            names = sorted(loss_sums)
+            vec = _all_reduce(torch.tensor([loss_sums[n] for n in names] + [float(tokens)], dtype=torch.float64))
+            losses = {n: float(vec[i]) / world for i, n in enumerate(names)}
+            total = sum(o.weight * losses[o.name] for o in cfg.objectives if o.name in losses)
+            result.losses.append({"step": step, **losses})
+            if skip:
+                result.skipped += 1
+                consecutive_bad += 1
+                bad_names = sorted(set(names_bad))
+                if rank == 0:
+                    print(f"medfm pretrain: step {step} skipped, non-finite loss in {', '.join(bad_names)} "
+                          f"({consecutive_bad} in a row)", file=sys.stderr)
+            else:
+                consecutive_bad = 0
+            if step % t.log_every == 0 or skip:
+                metrics = {f"loss/{n}": v for n, v in losses.items()}
+                metrics.update({"loss/total": total, "lr": engine.lr, "step_time_s": dt,
+                                "samples_per_s": t.micro_batch * t.grad_accum * world / dt,
+                                "tokens_per_s": float(vec[-1]) / dt, "mfu": flops / dt / peak,
+                                "skipped_steps": result.skipped, "samples_seen": samples_seen})
+                if norms:
+                    metrics.update({f"grad_norm/{k}": v for k, v in norms.items()})
+                for reason, n in loader.counters.as_dict().get("counts", {}).items():
+                    metrics[f"skipped_samples/{reason}"] = n
+                tracker.log(step, metrics)
+            tracker.progress(step, {"loss": total})
+            if t.nan_guard and consecutive_bad >= t.nan_guard:
+                last = ckpt.latest()
+                result.status = "nan_stop"
+                result.message = (f"stopped at step {step}: {consecutive_bad} consecutive non-finite steps in "
+                                  f"{', '.join(bad_names)}; last good checkpoint: "
+                                  f"{(ckpt.root / last) if last else 'none'}")
+                break
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and not skip:
+                ckpt.save(engine, step, client_state(step))
+            if hook is not None and step % cfg.eval.every == 0:
+                hook(engine.module.model, step, run_dir)
+        else:
+            if cfg.checkpoint.final and ckpt.latest() != f"step{step}":
+                ckpt.save(engine, step, client_state(step))
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    result.step = step
+    result.run_id = tracker.run_id
+    if result.status == "nan_stop" and rank == 0:
+        print(f"medfm pretrain: {result.message}", file=sys.stderr)
+    tracker.finish("FINISHED" if result.status == "finished" else "FAILED", artifacts=(run_dir / "config.yaml",))
+    return result

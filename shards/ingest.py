@@ -1,0 +1,392 @@
+"""``medfm shards build``: real medical files -> de-identified, preprocessed WebDataset shards + manifest.
+
+Pipeline (one direction, every stage testable alone):
+  discover files -> plan tasks (a file, or the slices of one DICOM series) -> [worker processes] read + de-identify
+  + preprocess -> [main process, task order] assign keys and EHR code ids -> DatasetWriter.
+Workers only ever see one task at a time and results are consumed in task order, so the output is byte-identical
+for the same inputs and config whatever ``--workers`` is. An input that cannot be used is skipped with a reason
+(one log line each, counted in the manifest); the build itself never stops on one bad file.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medfm.schema import ConfigError, to_dict
+from medfm.shards.deid import DeidConfig, DeidError, Pseudonymizer, resolve_salt, scrub_text, stamp
+from medfm.shards.manifest import DEFAULT_SPLIT_RATIOS, EHR_PAD, EHR_UNK, normalize_ratios, split_for
+from medfm.shards.preprocess import (
+    PreprocessConfig,
+    PreprocessError,
+    preprocess_image,
+    preprocess_signal,
+    preprocess_volume,
+)
+from medfm.shards.readers.base import ReadError, Record
+from medfm.shards.sample import Sample, SampleError, make_meta
+from medfm.shards.writer import DatasetWriter
+
+DICOM_EXT = (".dcm", ".dicom", ".ima")
+NIFTI_EXT = (".nii", ".nii.gz")
+TABLE_EXT = (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet")
+IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+SIGNAL_COMPANIONS = (".dat", ".atr", ".qrs", ".xws", ".hea-", ".ecg")  # data/annotation files next to a .hea
+
+
+@dataclass
+class EhrConfig:
+    index_code: str | None = None      # events after the subject's first event with this code are dropped
+    window_days: float | None = None   # keep events within this many days before the index time
+    max_events: int = 4096
+    label_codes: list[str] = field(default_factory=list)  # codes whose value becomes a label, not an input
+
+
+@dataclass
+class IngestConfig:
+    prefix: str = "shard"
+    max_samples: int = 1000            # per shard
+    max_bytes: int = 256 * 1024 * 1024  # per shard
+    workers: int = 1
+    seed: int = 0                      # split assignment seed
+    split_ratios: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SPLIT_RATIOS))
+    nifti_modality: str = "MR"         # NIfTI has no modality field: CT gets HU clipping, others normalisation
+    overwrite: bool = False
+    allow_identifiable: bool = False   # required together with deid.enabled=false
+    deid: DeidConfig = field(default_factory=DeidConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    ehr: EhrConfig = field(default_factory=EhrConfig)
+
+    def validate(self):
+        if self.max_samples < 1 or self.max_bytes < 4096:
+            raise ValueError("max_samples must be >= 1 and max_bytes >= 4096")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        normalize_ratios(self.split_ratios)
+        if not self.prefix or "." in self.prefix or "/" in self.prefix:
+            raise ValueError(f"prefix {self.prefix!r} must be a plain name without '.' or '/'")
+        if self.nifti_modality not in ("CT", "MR", "PT", "NM"):
+            raise ValueError(f"nifti_modality must be CT|MR|PT|NM, got {self.nifti_modality!r}")
+        if not self.deid.enabled and not self.allow_identifiable:
+            raise ValueError("deid.enabled=false writes identifiable shards: also set allow_identifiable=true")
+
+
+@dataclass
+class Task:
+    kind: str              # dicom | nifti | wfdb | edf | image_index | meds | image
+    paths: list[Path]
+    rel: str               # display / provenance path relative to its source root
+
+
+# --- discovery ------------------------------------------------------------------------------------------------
+def _has_dicm_preamble(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return path.name
+
+
+def discover(sources) -> tuple[list[Task], list[tuple[str, ReadError]]]:
+    """Files under ``sources`` -> tasks (sorted, deterministic) + inputs skipped at planning time."""
+    from medfm.shards.readers.dicom import plan_tasks
+    from medfm.shards.readers.tables import read_table, table_kind
+
+    files: list[tuple[Path, Path]] = []
+    errors: list[tuple[str, ReadError]] = []
+    for src in sources:
+        src = Path(src)
+        if src.is_dir():
+            for dirpath, dirnames, names in os.walk(src):
+                dirnames.sort()
+                files.extend((Path(dirpath) / n, src) for n in sorted(names) if not n.startswith("."))
+        elif src.is_file():
+            files.append((src, src.parent))
+        else:
+            errors.append((str(src), ReadError("missing_file", f"{src}: no such file or directory")))
+    seen, tasks, dicom, images, indexed = set(), [], [], [], set()
+    roots: dict[Path, Path] = {}
+    for path, root in files:
+        rp = path.resolve()
+        if rp in seen:
+            continue
+        seen.add(rp)
+        roots[path] = root
+        name = path.name.lower()
+        rel = _rel(path, root)
+        if name.endswith(DICOM_EXT) or (not Path(name).suffix and _has_dicm_preamble(path)):
+            dicom.append(path)
+        elif name.endswith(NIFTI_EXT):
+            tasks.append(Task("nifti", [path], rel))
+        elif name.endswith(".hea"):
+            tasks.append(Task("wfdb", [path], rel))
+        elif name.endswith((".edf", ".bdf")):
+            tasks.append(Task("edf", [path], rel))
+        elif name.endswith(TABLE_EXT):
+            try:
+                df = read_table(path)
+            except ReadError as exc:
+                errors.append((rel, exc))
+                continue
+            kind = table_kind(df.columns)
+            if kind is None:
+                errors.append((rel, ReadError("unknown_table", f"{rel}: columns {list(df.columns)[:8]} are neither "
+                                              "MEDS (subject_id, time, code) nor an image index (path)")))
+                continue
+            if kind == "image_index":
+                indexed.update((path.parent / str(p)).resolve() for p in df["path"].dropna())
+            tasks.append(Task(kind, [path], rel))
+        elif name.endswith(IMAGE_EXT):
+            images.append(path)
+        elif name.endswith(SIGNAL_COMPANIONS) and path.with_suffix(".hea").exists():
+            continue
+        elif _has_dicm_preamble(path):
+            dicom.append(path)
+        else:
+            errors.append((rel, ReadError("unsupported_format", f"{rel}: not a format medfm ingests")))
+    for path in images:  # bare images not named by an index become image-only samples
+        if path.resolve() not in indexed:
+            tasks.append(Task("image", [path], _rel(path, roots[path])))
+    dtasks, derrs = plan_tasks(dicom)
+    tasks.extend(Task("dicom", t, _rel(t[0], roots[t[0]])) for t in dtasks)
+    errors.extend((_rel(p, roots[p]), e) for p, e in derrs)
+    tasks.sort(key=lambda t: (t.kind, t.rel))
+    return tasks, errors
+
+
+# --- worker side ---------------------------------------------------------------------------------------------
+_STATE: dict = {}
+
+
+def _init_worker(cfg: IngestConfig, salt: bytes | None):
+    _STATE["cfg"] = cfg
+    _STATE["pseudo"] = Pseudonymizer(salt) if salt is not None else None
+
+
+def _read_task(task: Task, cfg: IngestConfig, pseudo) -> list:
+    from medfm.shards.readers.dicom import read_dicom
+    from medfm.shards.readers.nifti import read_nifti
+    from medfm.shards.readers.signals import read_edf, read_wfdb
+    from medfm.shards.readers.tables import read_image_file, read_image_index, read_meds
+
+    if task.kind == "dicom":
+        return read_dicom(task.paths, task.rel, pseudo, cfg.deid)
+    if task.kind == "nifti":
+        return read_nifti(task.paths[0], task.rel, cfg.nifti_modality)
+    if task.kind == "wfdb":
+        return read_wfdb(task.paths[0], task.rel)
+    if task.kind == "edf":
+        return read_edf(task.paths[0], task.rel)
+    if task.kind == "image_index":
+        return read_image_index(task.paths[0], task.rel)
+    if task.kind == "meds":
+        e = cfg.ehr
+        return read_meds(task.paths[0], task.rel, e.index_code, e.window_days, e.max_events, tuple(e.label_codes))
+    if task.kind == "image":
+        return read_image_file(task.paths[0], task.rel)
+    raise ReadError("unsupported_format", f"{task.rel}: no reader for {task.kind}")
+
+
+def _to_sample(rec: Record, cfg: IngestConfig, pseudo) -> Sample:
+    """Pseudonymise ids, scrub text, preprocess arrays; the key and EHR code ids are filled in by the main process."""
+    if pseudo is not None:
+        patient = pseudo.patient(rec.patient)
+        study = pseudo.study(rec.patient, rec.study)
+        file_id = "f" + pseudo.pseudonym("file", rec.file)[:16]
+    else:  # identifiable build (explicitly allowed): keep readable ids, keys still need a safe charset
+        import hashlib
+
+        patient, study = rec.patient, rec.study
+        file_id = rec.file
+        study = "s" + hashlib.sha256(f"{rec.patient}\x00{rec.study}".encode()).hexdigest()[:20] \
+            if not study.replace("-", "").replace("_", "").isalnum() else study
+    split = split_for(patient, cfg.split_ratios, cfg.seed)
+    source = {"format": rec.format, "file": file_id}
+    source.update({k: v for k, v in rec.info.items() if k in ("modality", "sop_class", "transfer_syntax")})
+    meta = make_meta(patient_id=patient, study_id=study, split=split, source=source, labels=dict(rec.labels))
+    sample = Sample(key="", meta=meta)
+    pre = cfg.preprocess
+    if rec.volume is not None:
+        arr, vmeta, applied = preprocess_volume(rec.volume, rec.volume_meta["spacing"],
+                                                rec.volume_meta.get("modality", "MR"), pre.volume)
+        meta["volume"] = {**vmeta, "orientation": rec.volume_meta["orientation"],
+                          "modality": rec.volume_meta.get("modality")}
+        meta["preprocessing"]["volume"] = applied
+        sample.volume = arr
+    if rec.image is not None:
+        arr, imeta, applied = preprocess_image(rec.image, rec.image_meta.get("window"), pre.image)
+        if rec.image_meta.get("pixel_spacing"):
+            imeta["source_pixel_spacing"] = rec.image_meta["pixel_spacing"]
+        meta["image"] = imeta
+        meta["preprocessing"]["image"] = applied
+        sample.image = arr
+    if rec.signal is not None:
+        arr, smeta, applied = preprocess_signal(rec.signal, rec.signal_meta["fs"], pre.signal)
+        meta["signal"] = {"fs": smeta["fs"], "leads": list(rec.signal_meta["leads"]),
+                          "units": list(rec.signal_meta["units"])}
+        meta["preprocessing"]["signal"] = applied
+        sample.signal = arr
+    if rec.ehr_events is not None:
+        meta["ehr"] = {"vocab": "ehr", "static": rec.ehr_meta.get("static", {}), "index": rec.ehr_meta.get("index")}
+        meta["preprocessing"]["ehr"] = {"time": "days relative to index (<= 0)", "window_days": cfg.ehr.window_days,
+                                        "max_events": cfg.ehr.max_events}
+        sample.ehr = rec.ehr_events  # list of (t, code, value); converted with the global vocabulary in main
+    if rec.text is not None:
+        sample.text = scrub_text(rec.text, rec.phi_terms) if (cfg.deid.enabled and cfg.deid.scrub_text) else rec.text
+    return sample
+
+
+def _process(task: Task):
+    """Worker entry: (rel, [Sample | (reason, message)], n_records). Never raises for bad input."""
+    cfg, pseudo = _STATE["cfg"], _STATE["pseudo"]
+    out = []
+    try:
+        records = _read_task(task, cfg, pseudo)
+    except ReadError as exc:
+        return task, [(exc.reason, exc.message)]
+    except MemoryError:
+        return task, [("out_of_memory", f"{task.rel}: input too large to read")]
+    except Exception as exc:  # a reader bug or an exotic file must cost one input, not the build
+        return task, [("reader_error", f"{task.rel}: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")]
+    for rec in records:
+        if isinstance(rec, ReadError):
+            out.append((rec.reason, rec.message))
+            continue
+        try:
+            out.append(_to_sample(rec, cfg, pseudo))
+        except PreprocessError as exc:
+            out.append((exc.reason, f"{rec.file}: {exc.message}"))
+        except (ValueError, FloatingPointError) as exc:
+            out.append(("preprocess_error", f"{rec.file}: {exc}"))
+    return task, out
+
+
+# --- main process --------------------------------------------------------------------------------------------
+class _Vocab:
+    def __init__(self):
+        self.codes = [EHR_PAD, EHR_UNK]
+        self.ids = {c: i for i, c in enumerate(self.codes)}
+
+    def id(self, code: str) -> int:
+        if code not in self.ids:
+            self.ids[code] = len(self.codes)
+            self.codes.append(code)
+        return self.ids[code]
+
+
+def _ehr_array(events, vocab: _Vocab) -> np.ndarray:
+    arr = np.zeros((len(events), 4), dtype=np.float32)
+    for i, (t, code, value) in enumerate(events):
+        arr[i] = (t, vocab.id(code), 0.0 if value is None else value, 0.0 if value is None else 1.0)
+    return arr
+
+
+def _redact(message: str, rel: str, file_id: str | None) -> str:
+    return message.replace(rel, file_id) if file_id else message
+
+
+def build(sources, out_dir, cfg: IngestConfig, progress: bool = True, log=None) -> dict:
+    """Build a shard directory; returns the manifest. Raises ConfigError for unusable settings (no salt, ...)."""
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    salt = None
+    salt_source = "none"
+    if cfg.deid.enabled:
+        try:
+            salt, salt_source = resolve_salt(cfg.deid)
+        except DeidError as exc:
+            raise ConfigError(str(exc)) from None
+    pseudo = Pseudonymizer(salt) if salt is not None else None
+    tasks, plan_errors = discover(sources)
+    try:
+        writer = DatasetWriter(out_dir, cfg.prefix, cfg.max_samples, cfg.max_bytes, overwrite=cfg.overwrite)
+    except FileExistsError as exc:
+        raise ConfigError(f"{exc}; pass --overwrite to replace it") from None
+
+    def file_id(rel):
+        return ("f" + pseudo.pseudonym("file", rel)[:16]) if pseudo else rel
+
+    def skip(rel, reason, message):
+        log(f"skip {rel}: {reason}: {message}")
+        writer.skip(file_id(rel), reason, _redact(message, rel, file_id(rel) if pseudo else None))
+
+    for rel, err in plan_errors:
+        skip(rel, err.reason, err.message)
+    vocab = _Vocab()
+    per_study: Counter = Counter()
+    formats: Counter = Counter()
+    kinds: dict[str, int] = defaultdict(int)
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(tasks), desc="ingest", unit="task", disable=not progress, file=sys.stderr)
+        if cfg.workers > 1 and len(tasks) > 1:
+            ctx = mp.get_context("spawn")  # no fork: safe with threads from BLAS / pyarrow in the parent
+            pool = ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(cfg, salt))
+            results = pool.imap(_process, tasks, chunksize=1)  # ordered: deterministic output
+        else:
+            pool = None
+            _init_worker(cfg, salt)
+            results = map(_process, tasks)
+        try:
+            for task, outs in results:
+                bar.update(1)
+                kinds[task.kind] += 1
+                for item in outs:
+                    if isinstance(item, tuple):
+                        skip(task.rel, *item)
+                        continue
+                    if isinstance(item.ehr, list):
+                        item.ehr = _ehr_array(item.ehr, vocab)
+                    study = item.meta["study_id"]
+                    item.key = f"{study}-{per_study[study]}"
+                    per_study[study] += 1
+                    try:
+                        writer.add(item)
+                    except SampleError as exc:
+                        skip(task.rel, exc.reason, exc.message)
+                        continue
+                    formats[item.meta["source"]["format"]] += 1
+        finally:
+            bar.close()
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+    except BaseException:
+        writer.abort()  # finished shards stay; the partial one is removed; no manifest claims a complete build
+        raise
+    cfg_dict = to_dict(cfg)
+    if cfg_dict["deid"].get("salt"):
+        cfg_dict["deid"]["salt"] = "<redacted>"
+    manifest = writer.close(
+        deid=stamp(cfg.deid, salt_source),
+        identifiable=not cfg.deid.enabled,
+        preprocessing=to_dict(cfg.preprocess),
+        vocabularies={"ehr": vocab.codes} if len(vocab.codes) > 2 else {},
+        split={"by": "sha256(seed, patient pseudonym)", "seed": cfg.seed,
+               "ratios": normalize_ratios(cfg.split_ratios)},
+        sources={"tasks": dict(sorted(kinds.items())), "samples_by_format": dict(sorted(formats.items())),
+                 "skipped_at_planning": len(plan_errors)},
+        config=cfg_dict,
+    )
+    t = manifest["totals"]
+    log(f"wrote {t['samples']} samples in {len(manifest['shards'])} shards to {out_dir} "
+        f"({sum(manifest['skipped'].values())} inputs skipped)")
+    return manifest

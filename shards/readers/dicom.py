@@ -1,0 +1,276 @@
+"""DICOM: CT/MR/PT series and multi-frame objects -> volume, radiographs/other 2D -> image, waveforms -> signal.
+
+Every file is de-identified (shards/deid.py) right after it is read and before any field is looked at, so no meta
+value can come from an identifying attribute. Pixel values are converted exactly as the standard says:
+stored value x RescaleSlope + RescaleIntercept (per frame for enhanced objects), MONOCHROME1 inverted.
+Compressed transfer syntaxes decode through pydicom's pixel handlers (pylibjpeg installed by medfm); when no
+handler can decode one the file is skipped with reason ``unsupported_transfer_syntax``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from medfm.shards.deid import DeidConfig, Pseudonymizer, deidentify_dicom, name_terms
+from medfm.shards.readers.base import ReadError, Record
+from medfm.shards.volume import ORIENTATION, dicom_affine_ras, to_canonical
+
+VOLUME_MODALITIES = {"CT", "MR", "PT", "NM"}
+IMAGE_MODALITIES = {"CR", "DX", "MG", "RG", "US", "XA", "RF", "SC", "OT", "IO", "PX", "ES", "XC", "GM", "SM"}
+
+
+def _read(path, stop_before_pixels=False):
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        return pydicom.dcmread(str(path), stop_before_pixels=stop_before_pixels)
+    except InvalidDicomError as exc:
+        raise ReadError("not_dicom", f"{exc}") from None
+    except Exception as exc:  # truncated / corrupt headers raise many different errors
+        raise ReadError("bad_dicom", f"{exc.__class__.__name__}: {exc}") from None
+
+
+def header_summary(path) -> dict:
+    """Cheap header read used by ingest to group single-frame slices into series (no pixel data loaded)."""
+    ds = _read(path, stop_before_pixels=True)
+    iop = ds.get("ImageOrientationPatient")
+    return {
+        "modality": str(ds.get("Modality", "")).upper(),
+        "series": str(ds.get("SeriesInstanceUID", "")),
+        "frames": int(ds.get("NumberOfFrames", 1) or 1),
+        "waveform": "WaveformSequence" in ds,
+        "shape": (int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)),
+        "orientation": tuple(round(float(v), 4) for v in iop) if iop is not None and len(iop) == 6 else None,
+        "has_position": ds.get("ImagePositionPatient") is not None,
+        "instance": str(ds.get("SOPInstanceUID", "")),
+    }
+
+
+def plan_tasks(paths: list[Path]) -> tuple[list[list[Path]], list[tuple[Path, ReadError]]]:
+    """Group DICOM files into tasks: one per parallel-slice series, one per other file. Returns (tasks, errors)."""
+    groups: dict[tuple, list[Path]] = defaultdict(list)
+    tasks, errors = [], []
+    seen: dict[str, Path] = {}
+    for p in sorted(paths):
+        try:
+            h = header_summary(p)
+        except ReadError as exc:
+            errors.append((p, exc))
+            continue
+        if h["instance"] and h["instance"] in seen:  # same SOP instance twice (copies, re-encodings)
+            errors.append((p, ReadError("duplicate_instance", f"same SOPInstanceUID as {seen[h['instance']].name}")))
+            continue
+        seen[h["instance"]] = p
+        stackable = (h["modality"] in VOLUME_MODALITIES and h["frames"] == 1 and not h["waveform"]
+                     and h["series"] and h["orientation"] is not None and h["has_position"])
+        if stackable:
+            groups[(h["series"], h["orientation"], h["shape"])].append(p)
+        else:
+            tasks.append([p])
+    tasks.extend(sorted(groups.values()))
+    tasks.sort(key=lambda t: str(t[0]))
+    return tasks, errors
+
+
+def _ids_and_terms(ds) -> tuple[str, str, list[str]]:
+    patient = str(ds.get("PatientID", "") or "") or str(ds.get("PatientName", "") or "") or "unknown"
+    study = str(ds.get("StudyInstanceUID", "") or ds.get("StudyID", "") or "")
+    terms = name_terms(ds.get("PatientName"), ds.get("PatientID"), ds.get("OtherPatientIDs"),
+                       ds.get("ReferringPhysicianName"), ds.get("InstitutionName"), ds.get("PatientBirthName"))
+    return patient, study, terms
+
+
+def _pixels(ds, where: str) -> np.ndarray:
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise ReadError("no_pixel_data", f"{where}: no PixelData")
+    try:
+        return ds.pixel_array
+    except NotImplementedError as exc:
+        raise ReadError("unsupported_transfer_syntax", f"{where}: {ds.file_meta.TransferSyntaxUID.name}: "
+                        f"{str(exc).splitlines()[0]}") from None
+    except Exception as exc:
+        raise ReadError("bad_pixel_data", f"{where}: {exc.__class__.__name__}: {str(exc).splitlines()[0]}") from None
+
+
+def _rescale(arr: np.ndarray, slope, intercept) -> np.ndarray:
+    slope = float(slope) if slope not in (None, "") else 1.0
+    intercept = float(intercept) if intercept not in (None, "") else 0.0
+    return arr.astype(np.float64) * slope + intercept
+
+
+def _info(ds) -> dict:
+    return {"modality": str(ds.get("Modality", "")), "sop_class": str(getattr(ds.get("SOPClassUID"), "name", "")),
+            "transfer_syntax": str(ds.file_meta.TransferSyntaxUID.name) if "TransferSyntaxUID" in ds.file_meta else "",
+            "manufacturer": str(ds.get("Manufacturer", "") or "")}
+
+
+def read_dicom(paths: list[Path], rel: str, pseudo: Pseudonymizer | None, deid: DeidConfig) -> list[Record]:
+    """Read one task (a file or a parallel-slice series) into records."""
+    datasets = []
+    patient = study = None
+    terms: list[str] = []
+    for p in paths:
+        ds = _read(p)
+        pt, st, tm = _ids_and_terms(ds)
+        if patient is None:
+            patient, study = pt, st or Path(p).stem
+        terms.extend(tm)
+        if deid.enabled and pseudo is not None:
+            deidentify_dicom(ds, pseudo, pt, deid)
+        datasets.append(ds)
+    ds0 = datasets[0]
+    base = dict(format="dicom", file=rel, patient=patient, study=study, phi_terms=sorted(set(terms)), info=_info(ds0))
+    modality = str(ds0.get("Modality", "")).upper()
+    if "WaveformSequence" in ds0:
+        return [_waveform(ds0, base, rel)]
+    if modality in VOLUME_MODALITIES:
+        if len(datasets) == 1 and int(ds0.get("NumberOfFrames", 1) or 1) > 1:
+            return [_multiframe_volume(ds0, base, rel)]
+        return [_series_volume(datasets, base, rel)]
+    if modality in IMAGE_MODALITIES or ("PixelData" in ds0 and modality not in ("SEG", "RTDOSE", "RTSTRUCT", "SR")):
+        return [_image(ds0, base, rel)]
+    raise ReadError("unsupported_modality", f"{rel}: DICOM modality {modality or '?'} "
+                    f"({_info(ds0)['sop_class'] or 'unknown SOP class'}) is not ingested")
+
+
+def _series_volume(datasets, base, rel) -> Record:
+    iop = [float(v) for v in datasets[0].get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0])]
+    normal = np.cross(iop[:3], iop[3:6])
+    if len(datasets) > 1:
+        pos = [np.asarray([float(v) for v in d.ImagePositionPatient]) for d in datasets]
+        order = sorted(range(len(datasets)), key=lambda i: (float(pos[i] @ normal), int(datasets[i].get("InstanceNumber", 0) or 0)))
+        datasets = [datasets[i] for i in order]
+        pos = [pos[i] for i in order]
+        dists = np.diff([float(p @ normal) for p in pos])
+        if np.any(np.abs(dists) < 1e-4):
+            raise ReadError("duplicate_slices", f"{rel}: two slices share a position")
+        gaps = np.abs(dists)
+        if gaps.max() - gaps.min() > max(0.01 * gaps.mean(), 1e-3):
+            raise ReadError("irregular_slices", f"{rel}: slice gaps vary {gaps.min():.3f}..{gaps.max():.3f} mm")
+        step = (pos[-1] - pos[0]) / (len(pos) - 1)
+    else:
+        thick = datasets[0].get("SpacingBetweenSlices") or datasets[0].get("SliceThickness") or 1.0
+        step = normal * float(thick)
+    first = datasets[0].get("ImagePositionPatient", [0, 0, 0])
+    slices = []
+    for d in datasets:
+        px = _pixels(d, rel)
+        if px.ndim != 2:
+            raise ReadError("bad_shape", f"{rel}: expected 2D slices, got {px.shape}")
+        slices.append(_rescale(px, d.get("RescaleSlope"), d.get("RescaleIntercept")))
+    stack = np.stack(slices)  # [k, row j, col i]
+    spacing = datasets[0].get("PixelSpacing", [1.0, 1.0])
+    if any(float(s) <= 0 for s in spacing):
+        raise ReadError("bad_geometry", f"{rel}: PixelSpacing {list(spacing)} must be positive")
+    aff = dicom_affine_ras(iop, spacing, first, step)
+    vol, sp = to_canonical(stack.transpose(2, 1, 0), aff)
+    modality = str(datasets[0].get("Modality", "")).upper()
+    return Record(**base, volume=vol, volume_meta={"spacing": sp, "orientation": ORIENTATION, "modality": modality,
+                                                   "slices": len(datasets)})
+
+
+def _first(seq_item, seq_name, attr):
+    if seq_item is None or seq_name not in seq_item or not seq_item[seq_name].value:
+        return None
+    return seq_item[seq_name].value[0].get(attr)
+
+
+def _multiframe_volume(ds, base, rel) -> Record:
+    """Enhanced (multi-frame) CT/MR: geometry and rescale from the shared / per-frame functional groups."""
+    frames = _pixels(ds, rel)
+    n = int(ds.NumberOfFrames)
+    if frames.ndim == 2:
+        frames = frames[None]
+    if frames.ndim != 3 or frames.shape[0] != n:
+        raise ReadError("bad_shape", f"{rel}: {n} frames but pixel array {frames.shape}")
+    shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
+    per = list(ds.PerFrameFunctionalGroupsSequence) if "PerFrameFunctionalGroupsSequence" in ds else [None] * n
+
+    def attr(i, seq, name, default=None):
+        v = _first(per[i], seq, name)
+        if v is None:
+            v = _first(shared, seq, name)
+        if v is None:
+            v = ds.get(name)
+        return default if v is None else v
+
+    iop = [float(v) for v in attr(0, "PlaneOrientationSequence", "ImageOrientationPatient", [1, 0, 0, 0, 1, 0])]
+    spacing = [float(v) for v in attr(0, "PixelMeasuresSequence", "PixelSpacing", [1.0, 1.0])]
+    normal = np.cross(iop[:3], iop[3:6])
+    pos = [attr(i, "PlanePositionSequence", "ImagePositionPatient") for i in range(n)]
+    data = np.stack([_rescale(frames[i], attr(i, "PixelValueTransformationSequence", "RescaleSlope"),
+                              attr(i, "PixelValueTransformationSequence", "RescaleIntercept")) for i in range(n)])
+    if all(p is not None for p in pos) and n > 1:
+        pos = [np.asarray([float(v) for v in p]) for p in pos]
+        order = sorted(range(n), key=lambda i: float(pos[i] @ normal))
+        d = np.diff([float(pos[i] @ normal) for i in order])
+        if np.any(np.abs(d) < 1e-4):
+            raise ReadError("not_a_stack", f"{rel}: frames share positions (time series / multi-stack not ingested)")
+        data = data[order]
+        step = (pos[order[-1]] - pos[order[0]]) / (n - 1)
+        first = pos[order[0]]
+    else:
+        thick = attr(0, "PixelMeasuresSequence", "SliceThickness", 1.0)
+        step, first = normal * float(thick), np.zeros(3)
+    vol, sp = to_canonical(data.transpose(2, 1, 0), dicom_affine_ras(iop, spacing, first, step))
+    return Record(**base, volume=vol, volume_meta={"spacing": sp, "orientation": ORIENTATION,
+                                                   "modality": str(ds.Modality).upper(), "slices": n})
+
+
+def _image(ds, base, rel) -> Record:
+    px = _pixels(ds, rel)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        px = px[len(px) // 2]  # a 2D cine/multi-frame image: keep the middle frame as the representative image
+    if photometric in ("MONOCHROME1", "MONOCHROME2"):
+        if px.ndim != 2:
+            raise ReadError("bad_shape", f"{rel}: monochrome image with shape {px.shape}")
+        img = _rescale(px, ds.get("RescaleSlope"), ds.get("RescaleIntercept"))
+        window = None
+        if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+            wc, ww = ds.WindowCenter, ds.WindowWidth
+            wc = float(wc[0] if hasattr(wc, "__len__") and not isinstance(wc, str) else wc)
+            ww = float(ww[0] if hasattr(ww, "__len__") and not isinstance(ww, str) else ww)
+            window = [wc, ww]
+        if photometric == "MONOCHROME1":  # higher value = darker: invert so that bone is bright as in MONOCHROME2
+            img = img.max() + img.min() - img
+            if window is not None:
+                window[0] = float(px.max() + px.min()) - window[0]
+        meta = {"photometric_source": photometric, "window": window, "channels": 1}
+        img = img[..., None]
+    else:
+        if px.ndim != 3 or px.shape[-1] != 3:
+            raise ReadError("bad_shape", f"{rel}: colour image with shape {px.shape}")
+        if photometric.startswith("YBR"):
+            from pydicom.pixels import convert_color_space
+
+            px = convert_color_space(px, photometric, "RGB")
+        img = px
+        meta = {"photometric_source": photometric, "window": None, "channels": 3}
+    ps = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+    if ps is not None and all(float(v) > 0 for v in ps):
+        meta["pixel_spacing"] = [float(v) for v in ps]
+    meta["bits_stored"] = int(ds.get("BitsStored", 8) or 8)
+    return Record(**base, image=np.asarray(img), image_meta=meta)
+
+
+def _waveform(ds, base, rel) -> Record:
+    """First multiplex group of a DICOM waveform (e.g. 12-lead ECG) with sensitivity/baseline applied."""
+    try:
+        arr = ds.waveform_array(0)  # samples x channels, in the channel sensitivity units
+    except Exception as exc:
+        raise ReadError("bad_waveform", f"{rel}: {exc.__class__.__name__}: {exc}") from None
+    group = ds.WaveformSequence[0]
+    leads, units = [], []
+    for ch in group.ChannelDefinitionSequence:
+        src = ch.get("ChannelSourceSequence")
+        leads.append(str(src[0].get("CodeMeaning", "")) if src else f"ch{len(leads)}")
+        us = ch.get("ChannelSensitivityUnitsSequence")
+        units.append(str(us[0].get("CodeValue", "")) if us else "")
+    fs = float(group.SamplingFrequency)
+    return Record(**base, signal=np.asarray(arr, dtype=np.float64).T,
+                  signal_meta={"fs": fs, "leads": leads, "units": units})

@@ -126,7 +126,7 @@ def extract_labels(spec: LabelSpec, index: SplitIndex) -> tuple[np.ndarray, np.n
     if not all(needed):
         raise ProtocolError(f"task {spec.task}: the label field(s) for a {spec.kind} task are not set")
     keep, missing = [], []
-    for pos, (key, meta) in enumerate(zip(index.keys, index.metas)):
+    for pos, meta in enumerate(index.metas):
         labels = meta.get("labels") or {}
         absent = [f for f in needed if labels.get(f) is None]
         (missing if absent else keep).append((pos, absent) if absent else pos)

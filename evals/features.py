@@ -60,7 +60,11 @@ def _build_and_fill(model_cfg: dict, sd: dict, where: str):
     except ConfigError as exc:
         raise ModelSourceError(f"{where}: model config is invalid ({exc})") from None
     sd = _strip_prefix(sd)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as exc:  # shape mismatches: name the first one
+        first = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), str(exc).splitlines()[0])
+        raise ModelSourceError(f"{where}: weights do not match the model config ({first})") from None
     if missing or unexpected:
         what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
         raise ModelSourceError(f"{where}: weights do not match the model config ({len(missing)} missing, "

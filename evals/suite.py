@@ -154,14 +154,18 @@ class _Features:
         return self.memo[key]
 
 
-def _labelled_split(task: TaskConfig, feats: _Features, directory: str, split: str, use: str) -> FeatureSplit:
+def _labelled_split(task: TaskConfig, feats: _Features, directory: str, split: str, use: str,
+                    suite_seed: int = 0) -> FeatureSplit:
     index = feats.index(directory, split)
     spec = LabelSpec(task.name, task.kind, task.label, tuple(task.labels), tuple(task.classes), task.event,
                      task.drop_missing)
     y, event, keep = extract_labels(spec, index)
-    if task.max_samples:
-        keep, y = keep[: task.max_samples], y[: task.max_samples]
-        event = None if event is None else event[: task.max_samples]
+    if task.max_samples and len(keep) > task.max_samples:
+        # A seeded random subset, not the first N: shards are often written class by class.
+        sub = np.sort(np.random.default_rng([suite_seed, len(keep)]).choice(len(keep), task.max_samples,
+                                                                            replace=False))
+        keep, y = keep[sub], y[sub]
+        event = None if event is None else event[sub]
     f = feats.get(directory, split, task.modality, keep, task.options.get("collate"))
     x = f.pooled if use == "pooled" else f.embed
     return FeatureSplit(x, y, index.patients[keep], [index.keys[p] for p in keep], event)
@@ -186,7 +190,9 @@ def run_task(task: TaskConfig, suite: EvalSuite, feats: _Features, main: bool = 
             raise ProtocolError(f"task {task.name}: retrieval needs a text tower (model has {list(feats.model.towers)})")
         has_text = np.array([("text" in (m.get("modalities") or [])) and (task.modality in (m.get("modalities") or []))
                              for m in index.metas])
-        pos = np.flatnonzero(has_text)[: task.max_samples or None]
+        pos = np.flatnonzero(has_text)
+        if task.max_samples and len(pos) > task.max_samples:
+            pos = np.sort(np.random.default_rng(suite.seed).choice(pos, task.max_samples, replace=False))
         if len(pos) < 2:
             raise ProtocolError(f"task {task.name}: fewer than 2 {task.data.test} samples have both "
                                 f"{task.modality} and text")
@@ -200,11 +206,11 @@ def run_task(task: TaskConfig, suite: EvalSuite, feats: _Features, main: bool = 
         return TaskResult(task.name, task.protocol, task.kind, task.modality, "ok", res.rows, info=res.info)
 
     use = "embed" if task.protocol == "zeroshot" else "pooled"
-    test = _labelled_split(task, feats, directory, task.data.test, use)
+    test = _labelled_split(task, feats, directory, task.data.test, use, suite.seed)
     train = val = None
     if task.protocol != "zeroshot":
-        train = _labelled_split(task, feats, directory, task.data.train, use)
-        val = _labelled_split(task, feats, directory, task.data.val, use) if task.data.val else None
+        train = _labelled_split(task, feats, directory, task.data.train, use, suite.seed)
+        val = _labelled_split(task, feats, directory, task.data.val, use, suite.seed) if task.data.val else None
     if not main:
         return TaskResult(task.name, task.protocol, task.kind, task.modality, "ok")
     if task.protocol == "fewshot":

@@ -16,11 +16,11 @@ from medfm.model_zoo.multimodal import (
 from medfm.model_zoo.registry import create, list_models, model_config
 
 
-def load(path_or_name, zoo=None, map_location="cpu"):
+def load(path_or_name, zoo=None, map_location="cpu", verify=True):
     """Rebuild a released model from a release directory or a zoo ``name[:version]`` (see release.py)."""
     from medfm.model_zoo.release import load as _load
 
-    return _load(path_or_name, zoo=zoo, map_location=map_location)
+    return _load(path_or_name, zoo=zoo, map_location=map_location, verify=verify)
 
 
 __all__ = [

@@ -236,15 +236,18 @@ class Engine:
     def gathered_state_dict(self) -> dict[str, torch.Tensor]:
         """Full fp32 weights of the live model (a collective under ZeRO-3; every rank gets them)."""
         if self.strategy != "zero3":
-            return {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
+            return {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()
+                    if v.is_floating_point()}
         import deepspeed
 
         out = {}
         for name, p in self.module.named_parameters():
             with deepspeed.zero.GatheredParameters([p]):
                 out[name] = p.detach().float().cpu().clone()
+        persistent = set(self.module.state_dict())  # non-persistent buffers are not part of any checkpoint
         for name, b in self.module.named_buffers():
-            out[name] = b.detach().float().cpu().clone()
+            if name in persistent:
+                out[name] = b.detach().float().cpu().clone()
         return out
 
     def describe(self) -> str:

@@ -82,20 +82,29 @@ def build_data(cfg: RunConfig, engine: Engine, rank: int, world: int):
 
 
 class _Batches:
-    """Endless iteration over the loader (a new epoch when one ends) that keeps the loader's state current."""
+    """Endless iteration over the loader (a new epoch when one ends) that keeps the loader's state current.
+
+    Starting a DataLoader iterator draws a seed from the global torch RNG; it is drawn inside ``fork_rng`` so the
+    training RNG stream (dropout, MAE masks) does not depend on when iterators were (re)created — otherwise a
+    resumed run would diverge from the uninterrupted one.
+    """
 
     def __init__(self, loader):
         self.loader = loader
         self._it = None
 
+    def _start(self):
+        with torch.random.fork_rng(devices=[]):
+            self._it = iter(self.loader)
+            return next(self._it)
+
     def __next__(self):
         if self._it is None:
-            self._it = iter(self.loader)
+            return self._start()
         try:
             return next(self._it)
         except StopIteration:
-            self._it = iter(self.loader)
-            return next(self._it)
+            return self._start()
 
 
 def _flops_of(fn):
@@ -105,6 +114,24 @@ def _flops_of(fn):
     with counter:
         out = fn()
     return out, counter.get_total_flops()
+
+
+def _micro_step(engine: Engine, batch: dict, plan, poisoned: bool):
+    """Forward + backward of one micro-batch -> (loss names, values, tokens, names of non-finite losses).
+
+    Non-finite losses are detected on every rank with one all-reduce, so all ranks agree on skipping; the
+    backward of a skipped step is made NaN (also when an earlier micro-batch of the step was the bad one), which
+    DeepSpeed's invalid-gradient-norm check turns into a dropped step."""
+    losses, total, tok = engine.forward(batch, plan)
+    names = list(losses)
+    vals = torch.stack([v.detach().float().reshape(()) for v in losses.values()]).cpu()
+    flags = (~torch.isfinite(vals)).float()
+    _all_reduce(flags, dist.ReduceOp.MAX)
+    bad = [n for n, b in zip(names, flags.tolist()) if b]
+    if bad or poisoned:
+        total = total * float("nan")
+    engine.backward(total)
+    return names, vals, tok, bad
 
 
 def _call_hook(spec: str):
@@ -166,27 +193,15 @@ def run(cfg: RunConfig) -> RunResult:
                 batch = next(batches)
                 plan = batch.get("plan")
                 group = getattr(plan, "group", "all")
-                count = group not in flops_by_group
-
-                def fwd_bwd(batch=batch, plan=plan):
-                    nonlocal skip
-                    losses, total, tok = engine.forward(batch, plan)
-                    names = list(losses)
-                    vals = torch.stack([v.detach().float().reshape(()) for v in losses.values()]).cpu()
-                    bad = (~torch.isfinite(vals)).float()
-                    _all_reduce(bad, dist.ReduceOp.MAX)  # every rank agrees on skipping
-                    if bool(bad.any()):
-                        skip = True
-                        names_bad.extend(n for n, b in zip(names, bad.tolist()) if b)
-                        total = total * float("nan")  # makes every gradient NaN: DeepSpeed drops the step
-                    engine.backward(total)
-                    return names, vals, tok
-
-                if count:
-                    (names, vals, tok), f = _flops_of(fwd_bwd)
+                if group not in flops_by_group:  # count model FLOPs once per plan group (fwd + bwd)
+                    (names, vals, tok, bad), f = _flops_of(
+                        lambda b=batch, p=plan, s=skip: _micro_step(engine, b, p, s))
                     flops_by_group[group] = f * t.grad_accum
                 else:
-                    names, vals, tok = fwd_bwd()
+                    names, vals, tok, bad = _micro_step(engine, batch, plan, skip)
+                if bad:
+                    skip = True
+                    names_bad.extend(bad)
                 flops += flops_by_group[group] / t.grad_accum
                 for n, v in zip(names, vals.tolist()):
                     loss_sums[n] = loss_sums.get(n, 0.0) + v / t.grad_accum

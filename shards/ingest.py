@@ -161,6 +161,8 @@ def discover(sources) -> tuple[list[Task], list[tuple[str, ReadError]]]:
     for path in images:  # bare images not named by an index become image-only samples
         if path.resolve() not in indexed:
             tasks.append(Task("image", [path], _rel(path, roots[path])))
+    # a volume / signal file named by an index row is ingested through that row (with its labels and text), once
+    tasks = [t for t in tasks if t.kind not in ("nifti", "wfdb", "edf") or t.paths[0].resolve() not in indexed]
     dtasks, derrs = plan_tasks(dicom)
     tasks.extend(Task("dicom", t, _rel(t[0], roots[t[0]])) for t in dtasks)
     errors.extend((_rel(p, roots[p]), e) for p, e in derrs)
@@ -192,7 +194,7 @@ def _read_task(task: Task, cfg: IngestConfig, pseudo) -> list:
     if task.kind == "edf":
         return read_edf(task.paths[0], task.rel)
     if task.kind == "image_index":
-        return read_image_index(task.paths[0], task.rel)
+        return read_image_index(task.paths[0], task.rel, cfg.nifti_modality)
     if task.kind == "meds":
         e = cfg.ehr
         return read_meds(task.paths[0], task.rel, e.index_code, e.window_days, e.max_events, tuple(e.label_codes))

@@ -2,8 +2,8 @@
 
 Volumes: resampling to ``target_spacing`` uses ``scipy.ndimage.zoom`` (linear, order=1, on float64, grid aligned
 to the first voxel; MONAI is not required). Then CT values are clipped to ``ct_clip`` HU and stored int16; MR/other
-volumes are normalised to [0, 1] by the ``mr_percentiles`` of the volume and stored float16; then a centred
-crop/pad to ``target_shape`` (pad = the clip minimum for CT, 0 for MR).
+volumes are normalised to [0, 1] by the ``mr_percentiles`` of the volume (or a fixed ``mr_range``) and stored
+float16; then a centred crop/pad to ``target_shape`` (pad = the clip minimum for CT, 0 for MR).
 Images: 16-bit/float monochrome -> 8 bit through the DICOM window when the source has one, else the 0.5/99.5
 percentiles; resized (PIL, bilinear with antialias) so the longest side is at most ``max_size``.
 Signals: zero-phase Butterworth band-pass (scipy ``sosfiltfilt``, order 4), then polyphase resampling to
@@ -26,6 +26,9 @@ class VolumePreprocess:
     target_spacing: list[float] | None = None  # [sz, sy, sx] mm; None keeps the source grid
     target_shape: list[int] | None = None      # [D, H, W]; None keeps the (resampled) size
     mr_percentiles: tuple[float, float] = (0.5, 99.5)
+    # Fixed [lo, hi] source range mapped to [0, 1] instead of each volume's own percentiles: keeps intensities
+    # comparable across volumes (e.g. patches cut from one template, where per-patch scaling erases the tissue).
+    mr_range: tuple[float, float] | None = None
     max_voxels: int = 64 * 1024 * 1024          # refuse absurd volumes instead of exhausting memory
 
     def validate(self):
@@ -38,6 +41,8 @@ class VolumePreprocess:
         lo, hi = self.mr_percentiles
         if not 0 <= lo < hi <= 100:
             raise ValueError(f"volume.mr_percentiles must satisfy 0 <= lo < hi <= 100, got {[lo, hi]}")
+        if self.mr_range is not None and (len(self.mr_range) != 2 or not self.mr_range[0] < self.mr_range[1]):
+            raise ValueError(f"volume.mr_range must be [lo, hi] with lo < hi, got {list(self.mr_range)}")
 
 
 @dataclass
@@ -121,11 +126,15 @@ def preprocess_volume(vol: np.ndarray, spacing, modality: str, cfg: VolumePrepro
         applied["clip_hu"] = [lo, hi]
         units, fill = "HU", np.int16(lo)
     else:
-        p_lo, p_hi = np.percentile(data, cfg.mr_percentiles)
+        if cfg.mr_range is not None:
+            p_lo, p_hi = (float(v) for v in cfg.mr_range)
+            applied["normalize"] = {"method": "fixed_range", "values": [p_lo, p_hi]}
+        else:
+            p_lo, p_hi = np.percentile(data, cfg.mr_percentiles)
+            applied["normalize"] = {"method": "percentile", "percentiles": list(cfg.mr_percentiles),
+                                    "values": [float(p_lo), float(p_hi)]}
         scale = p_hi - p_lo if p_hi > p_lo else 1.0
         out = np.clip((data - p_lo) / scale, 0.0, 1.0).astype(np.float16)
-        applied["normalize"] = {"method": "percentile", "percentiles": list(cfg.mr_percentiles),
-                                "values": [float(p_lo), float(p_hi)]}
         units, fill = "normalized", np.float16(0)
     if cfg.target_shape is not None:
         out = _crop_pad(out, cfg.target_shape, fill)

@@ -125,21 +125,26 @@ def _stream_shard(url: str) -> TarIndex | list[dict]:
 class ShardReader:
     """``reader.read(url, index) -> {"__key__": key, "meta.json": bytes, ...}`` or ReadError.
 
-    Keeps up to ``max_open`` local files open and ``max_cached`` streamed remote shards in memory (LRU).
-    Not shared between processes: each DataLoader worker builds its own.
+    Keeps up to ``max_open`` local files open, the header index of up to ``max_indexed`` local shards (a full
+    shuffle over more shards than that re-scans headers: correct, slower; use ``shuffle_window_shards``), and
+    ``max_cached`` streamed remote shards in memory (all LRU). Not shared between processes: each DataLoader worker
+    builds its own.
     """
 
-    def __init__(self, max_open: int = 16, max_cached: int = 4):
+    def __init__(self, max_open: int = 64, max_indexed: int = 1024, max_cached: int = 4):
         self.max_open = max_open
+        self.max_indexed = max_indexed
         self.max_cached = max_cached
-        self._local: OrderedDict[str, tuple[int, TarIndex]] = OrderedDict()
+        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._index: OrderedDict[str, TarIndex] = OrderedDict()
         self._remote: OrderedDict[str, list[dict]] = OrderedDict()
         self._failed: dict[str, ReadError] = {}
 
     def close(self):
-        for fd, _ in self._local.values():
+        for fd in self._fds.values():
             os.close(fd)
-        self._local.clear()
+        self._fds.clear()
+        self._index.clear()
         self._remote.clear()
 
     def __del__(self):
@@ -149,23 +154,31 @@ class ShardReader:
             pass
 
     def _open_local(self, url: str) -> tuple[int, TarIndex]:
-        hit = self._local.get(url)
-        if hit is not None:
-            self._local.move_to_end(url)
-            return hit
+        fd, index = self._fds.get(url), self._index.get(url)
+        if fd is not None and index is not None:
+            self._fds.move_to_end(url)
+            self._index.move_to_end(url)
+            return fd, index
         if url in self._failed:
             raise self._failed[url]
         path = local_path(url)
         try:
-            index = index_tar(path)
-            fd = os.open(path, os.O_RDONLY)
+            if index is None:
+                index = index_tar(path)
+            if fd is None:
+                fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            self._failed[url] = ReadError("missing_shard", f"{path}: no such file")
+            raise self._failed[url] from None
         except ReadError as exc:
             self._failed[url] = exc  # a broken shard is reported per sample but scanned only once
             raise
-        self._local[url] = (fd, index)
-        while len(self._local) > self.max_open:
-            _, (old_fd, _) = self._local.popitem(last=False)
-            os.close(old_fd)
+        self._fds[url] = fd
+        self._index[url] = index
+        while len(self._fds) > self.max_open:
+            os.close(self._fds.popitem(last=False)[1])
+        while len(self._index) > self.max_indexed:
+            self._index.popitem(last=False)
         return fd, index
 
     def _open_remote(self, url: str) -> list[dict]:

@@ -205,3 +205,18 @@ def test_two_processes_match_one(state_dict_file, data, tmp_path):
     for k in v1:
         assert v1[k][1] == v2[k][1]  # every sample exactly once
         assert v1[k][0] == pytest.approx(v2[k][0], abs=1e-6)
+
+
+def test_periodic_hook_writes_a_cheap_report(model, data, tmp_path, monkeypatch):
+    from medfm.evals.hook import periodic_eval
+
+    monkeypatch.setenv("MEDFM_EVAL_SUITE", str(_suite_file(tmp_path, data)))
+    monkeypatch.setenv("MEDFM_EVAL_MAX_SAMPLES", "40")
+    model.train()
+    values = periodic_eval(model, 7, tmp_path / "run")
+    assert model.training  # mode restored for the training loop
+    model.eval()
+    report = json.loads((tmp_path / "run" / "evals" / "step7" / "report.json").read_text())
+    assert report["model"]["step"] == 7
+    assert 0.0 <= values["tissue_logistic/auroc"] <= 1.0
+    assert next(r for r in report["results"] if r["metric"] == "auroc")["n"] <= 40

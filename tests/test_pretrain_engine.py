@@ -74,7 +74,8 @@ def test_zero3_resume_partition_consolidate_objectives_mixed_nan(tmp_path):
         assert nan_run["skipped"] == 2 and nan_run["step"] == 3
         assert "mae:image" in nan_run["message"] and "step1" in nan_run["message"]
     rep0 = ranks[0]["phases"][1]
-    assert rep0["consolidated_missing"] == [] and rep0["consolidated_max_diff"] == 0.0 and rep0["finite"]
+    assert rep0["consolidated_missing"] == [], rep0["consolidated_missing"]
+    assert rep0["consolidated_max_diff"] == 0.0 and rep0["finite"]
     losses = ranks[0]["phases"][0]["losses"]
     for name in [o["name"] for o in objectives]:
         first = sum(x[name] for x in losses[:5]) / 5

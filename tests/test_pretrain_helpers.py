@@ -133,11 +133,10 @@ def _worker(spec_path: str) -> None:
 def _inspect(cfg) -> dict:
     """Partitioning and consolidation facts of the engine the last phase built (fresh engine, same config)."""
     import torch
+    import torch.distributed as dist
 
     from medfm.pretrain.checkpoint import CheckpointManager, consolidate
     from medfm.pretrain.engine import Engine
-
-    import torch.distributed as dist
 
     cfg.checkpoint.resume = "latest"
     engine = Engine(cfg, dist.get_rank(), dist.get_world_size())

@@ -319,3 +319,12 @@ def test_mixed_split_shards_are_filtered_by_sample(tmp_path):
                                   num_workers=0, drop_last=True), world=1)
     assert sorted(k for _, ks, *_ in seq for k in ks) == sorted(k for k, s in zip(keys, splits) if s == "val")
     shutil.rmtree(tmp_path / "m")
+
+
+def test_a_missing_shard_file_is_counted_not_fatal(tmp_path):
+    d = tmp_path / "miss"
+    make_dataset(d, 12, prefix="m", per_shard=4)
+    (d / "m-000001.tar").unlink()
+    runs = _run(LoaderConfig(sources=[SourceConfig(str(d))], batch_size=3, num_workers=0), world=2)
+    assert [len(seq) for seq, _ in runs] == [2, 2]
+    assert sum(ld.bad_in_order.counts["missing_shard"] for _, ld in runs) == 4

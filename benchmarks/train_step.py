@@ -1,0 +1,192 @@
+"""Training-step benchmark (not a test; numbers go to docs/notes/pretrain.md and benchmarks/RESULTS.md).
+
+1. One process, same model and batch: the medfm step (Engine + the loop's per-micro-step work: NaN all-reduce,
+   loss dict, weighted total, clip, AdamW, schedule) / a minimal hand-written torch loop.   target <= 1.05
+2. Two processes (torchrun, gloo): ZeRO-3 step / DDP step (target <= 1.3) and per-rank parameter bytes / full
+   (target <= 0.55, persistence threshold 0).
+3. CPU MFU of a small ViT MAE step (FLOPs counted by torch.utils.flop_counter, peak = measured dense matmul).
+
+    python benchmarks/train_step.py            # runs 1 and 3 here, 2 through torchrun, prints a JSON summary
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+HERE = Path(__file__).resolve()
+sys.path.insert(0, str(HERE.parents[1] / "tests"))
+
+import torch  # noqa: E402
+
+from medfm.pretrain.config import RunConfig  # noqa: E402
+from medfm.schema import from_dict  # noqa: E402
+
+STEPS, WARMUP = 12, 3
+
+
+def _config(tmp: Path, strategy: str, arch_overrides: dict | None = None, batch: int = 8) -> RunConfig:
+    from test_pretrain_helpers import make_shards, run_config
+
+    shards = tmp / "shards"
+    if not (shards / "manifest.json").is_file():
+        make_shards(shards, n=32, modalities=("image", "text"))
+    cfg = run_config(tmp / f"run_{strategy}", str(shards), [{"name": "mae:image"}, {"name": "contrastive:image-text"}],
+                     ("image", "text"), batch=batch, steps=STEPS + WARMUP, train={"strategy": strategy})
+    img = cfg["model"]["towers"]["image"]["overrides"]
+    img.update({"width": 192, "depth": 4, "num_heads": 3, **(arch_overrides or {})})
+    cfg["model"]["mae_decoder"] = {"width": 128, "depth": 2, "num_heads": 4}
+    return from_dict(RunConfig, cfg)
+
+
+def _batch(cfg: RunConfig, engine):
+    from medfm.pretrain.train import build_data
+
+    loader = build_data(cfg, engine, engine.rank, engine.world_size)
+    return next(iter(loader))
+
+
+def _time(fn, steps=STEPS, warmup=WARMUP) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def medfm_vs_handwritten(tmp: Path) -> dict:
+    from medfm.pretrain.engine import Engine, init_distributed
+    from medfm.pretrain.losses import ClipLoss, mae_loss
+    from medfm.pretrain.train import _micro_step
+
+    init_distributed()
+    cfg = _config(tmp, "ddp")
+    engine = Engine(cfg, 0, 1)
+    batch = _batch(cfg, engine)
+    plan = batch["plan"]
+
+    def medfm_step():
+        _micro_step(engine, batch, plan, False)
+        engine.step(False)
+
+    # The hand-written loop: the same modules, losses and optimizer, nothing else.
+    model = engine.module.model
+    opt, sched = engine.optimizer, engine.scheduler
+    clip = ClipLoss()
+    params = list(engine.module.parameters())
+
+    def hand_step():
+        out = model.mae("image", batch, mask_ratio=0.75)
+        loss = mae_loss(out["pred"], out["target"], out["mask"])
+        loss = loss + clip(model.embed("image", batch), model.embed("text", batch), model.logit_scale)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+
+    # Interleave to share the machine's load fairly between the two.
+    medfm_t, hand_t = [], []
+    for _ in range(3):
+        medfm_t.append(_time(medfm_step, steps=STEPS // 3 + 1, warmup=1))
+        hand_t.append(_time(hand_step, steps=STEPS // 3 + 1, warmup=1))
+    m, h = statistics.median(medfm_t), statistics.median(hand_t)
+    return {"medfm_step_s": m, "handwritten_step_s": h, "ratio": m / h}
+
+
+def mae_mfu(tmp: Path) -> dict:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from medfm.model_zoo import build_multimodal
+    from medfm.pretrain.losses import mae_loss
+    from medfm.pretrain.train import measure_peak_flops
+
+    cfg = {"towers": {"image": {"arch": "vit2d_small_p16", "overrides": {"img_size": 224}}}, "mae": ["image"],
+           "mae_decoder": {"width": 256, "depth": 2, "num_heads": 8}}
+    model = build_multimodal(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch = {"image": torch.randn(8, 3, 224, 224)}
+
+    def step():
+        out = model.mae("image", batch, mask_ratio=0.75)
+        mae_loss(out["pred"], out["target"], out["mask"]).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    flops = counter.get_total_flops()
+    t = _time(step, steps=4, warmup=1)
+    peak = measure_peak_flops(torch.float32)
+    return {"arch": "vit2d_small_p16 MAE (224px, ratio 0.75, batch 8, decoder 256x2)", "step_s": t,
+            "flops_per_step": flops, "achieved_tflops": flops / t / 1e12, "peak_tflops_measured": peak / 1e12,
+            "mfu": flops / t / peak, "threads": torch.get_num_threads()}
+
+
+def _worker(out: str) -> None:
+    """torchrun: ZeRO-3 and DDP step times and parameter bytes on this rank."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    import torch.distributed as dist
+
+    from medfm.pretrain.engine import Engine, init_distributed
+    from medfm.pretrain.train import _micro_step
+
+    rank, world = init_distributed()
+    tmp = Path(out).parent
+    res = {}
+    for strategy in ("ddp", "zero3"):
+        cfg = _config(tmp, strategy)
+        cfg.zero.stage3_param_persistence_threshold = 0
+        engine = Engine(cfg, rank, world)
+        batch = _batch(cfg, engine)
+
+        def step(engine=engine, batch=batch):
+            _micro_step(engine, batch, batch["plan"], False)
+            engine.step(False)
+
+        dist.barrier()
+        res[strategy] = {"step_s": _time(step), "local_param_bytes": engine.local_param_bytes(),
+                         "full_param_bytes": engine.full_param_bytes()}
+    Path(out).with_suffix(f".rank{rank}.json").write_text(json.dumps(res))
+
+
+def zero3_vs_ddp(tmp: Path) -> dict:
+    out = tmp / "dist.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(HERE), "--worker", str(out)], check=True, env=env, timeout=1800)
+    ranks = [json.loads(out.with_suffix(f".rank{r}.json").read_text()) for r in range(2)]
+    z = max(r["zero3"]["step_s"] for r in ranks)
+    d = max(r["ddp"]["step_s"] for r in ranks)
+    frac = max(r["zero3"]["local_param_bytes"] / r["zero3"]["full_param_bytes"] for r in ranks)
+    return {"zero3_step_s": z, "ddp_step_s": d, "ratio": z / d, "per_rank_param_bytes_fraction": frac}
+
+
+def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        _worker(sys.argv[2])
+        return
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        summary = {"medfm_vs_handwritten": medfm_vs_handwritten(tmp)}
+        summary["zero3_vs_ddp_2proc"] = zero3_vs_ddp(tmp)
+        summary["mae_mfu_cpu"] = mae_mfu(tmp)
+    summary["host"] = {"cpus": os.cpu_count(), "load_avg": os.getloadavg(), "torch": torch.__version__}
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()

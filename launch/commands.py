@@ -1,0 +1,84 @@
+"""launch's subcommands of ``medfm``: ``launch``, ``sweep`` and ``scaling fit`` (registered by launch/cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _launch(args) -> int:
+    from medfm.launch.launcher import launch
+
+    return launch(args)
+
+
+def _sweep(args) -> int:
+    from medfm.launch.sweep import run_sweep
+
+    return run_sweep(args.sweep, dry_run=args.dry_run, only=args.only)
+
+
+def _scaling_fit(args) -> int:
+    from medfm.launch.scaling import fit_all, format_report, parse_budget, plot_fits, read_points, report_json
+
+    points = read_points(args.results, n_col=args.n_col, d_col=args.d_col, loss_col=args.loss_col)
+    budgets = [parse_budget(b) for b in args.budget]
+    report, fits = fit_all(points, budgets, n_boot=args.bootstrap, seed=args.seed, names=(args.n_col, args.d_col),
+                           progress=True)
+    print(format_report(report))
+    if args.json:
+        with open(args.json, "w") as fh:
+            fh.write(report_json(report) + "\n")
+        print(f"wrote {args.json}")
+    if args.plot:
+        print(f"wrote {plot_fits(points, fits, report, args.plot)}")
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser(
+        "launch", help="start a (multi-node) torchrun world running `medfm pretrain`",
+        description="Validate CONFIG against the world layout, write runs/<name>/, and start this node's torchrun "
+                    "agent (c10d rendezvous, elastic restarts resume from the latest checkpoint).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("config", help="run config YAML (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=10")
+    p.add_argument("--nproc-per-node", type=int, default=1, help="worker processes on this node (one per GPU)")
+    p.add_argument("--nnodes", default="1", help="number of nodes, or MIN:MAX for an elastic range")
+    p.add_argument("--node-rank", type=int, default=None, help="this node's rank (informative; c10d assigns ranks)")
+    p.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of the rendezvous on the first node")
+    p.add_argument("--max-restarts", type=int, default=0, help="restarts of a failed worker group; each resumes "
+                                                              "from the latest complete checkpoint")
+    p.add_argument("--dry-run", action="store_true", help="print resolved config, world, DeepSpeed config and "
+                                                         "memory estimate; start nothing")
+    p.add_argument("--slurm", metavar="OUT.sbatch", default=None, help="write a SLURM batch script instead of running")
+    p.add_argument("--gpus-per-node", type=int, default=None,
+                   help="with --slurm: GPUs to request per node (default: --nproc-per-node; 0 = CPU nodes)")
+    p.add_argument("--sbatch", action="append", default=[], metavar="KEY[=VALUE]",
+                   help="with --slurm: extra #SBATCH option, e.g. --sbatch partition=gpu --sbatch time=24:00:00")
+    p.set_defaults(func=_launch)
+
+    s = subparsers.add_parser("sweep", help="run a model-size x data-budget grid for a scaling-law study",
+                              description="Run every point of SWEEP.yaml as a normal launch (resumable: finished "
+                                          "points are skipped) and collect final losses into one CSV.")
+    s.add_argument("sweep", help="sweep YAML (see configs/sweep_tiny.yaml)")
+    s.add_argument("--dry-run", action="store_true", help="list the points and their status; run nothing")
+    s.add_argument("--only", action="append", default=[], metavar="POINT", help="run only this point (repeatable)")
+    s.set_defaults(func=_sweep)
+
+    sc = subparsers.add_parser("scaling", help="scaling-law fits of sweep results")
+    sc_sub = sc.add_subparsers(dest="scaling_command", metavar="COMMAND", parser_class=type(sc))
+    sc_sub.required = True
+    f = sc_sub.add_parser("fit", help="fit L(N), L(D), L(N,D); compute-optimal frontier and extrapolation",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    f.add_argument("results", help="results CSV (as written by medfm sweep)")
+    f.add_argument("--plot", default=None, metavar="OUT.png", help="write the points/fits/frontier figure")
+    f.add_argument("--json", default=None, metavar="OUT.json", help="write the fitted parameters and intervals")
+    f.add_argument("--budget", action="append", default=[], metavar="NAME=FLOPS",
+                   help="extrapolate the compute-optimal N*, D*, L* to this budget (repeatable; default 100x the "
+                        "largest point)")
+    f.add_argument("--n-col", default="params", help="column holding model size N")
+    f.add_argument("--d-col", default="samples", help="column holding data size D")
+    f.add_argument("--loss-col", default="val_loss", help="column holding the final loss")
+    f.add_argument("--bootstrap", type=int, default=200, help="bootstrap refits for the intervals")
+    f.add_argument("--seed", type=int, default=0)
+    f.set_defaults(func=_scaling_fit)

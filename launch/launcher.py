@@ -1,0 +1,128 @@
+"""``medfm launch``: check the config against the world, write ``runs/<name>/``, then start this node's torchrun agent
+(or print what would run with ``--dry-run``, or write a SLURM script with ``--slurm``).
+
+Run directory::
+
+    runs/<name>/config.yaml        the resolved config every rank (and every restart) reads
+    runs/<name>/launch.json        the world layout and torchrun command of each launch on this node
+    runs/<name>/checkpoints/       ZeRO-3 checkpoints ("latest" moves only after a complete save)
+    runs/<name>/mlflow.db          run tracking (unless tracking.uri points at a server)
+    runs/<name>/logs/<rdzv id>_*/attempt_<k>/<rank>/{stdout,stderr}.log   per rank and per restart attempt
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from medfm.launch.resolve import check_shards, check_world, resolve_config, resolved_yaml, write_resolved
+from medfm.launch.world import World, has_cuda, torchrun_argv, worker_env
+from medfm.schema import ConfigError
+
+
+def prepare(config, overrides, world: World):
+    """Resolve and check everything that can be checked before a process starts (ConfigError, one line)."""
+    cfg = resolve_config(config, overrides)
+    check_world(cfg, world.world_sizes)
+    check_shards(cfg)
+    return cfg
+
+
+def dry_run_text(cfg, world: World, argv: list[str], env: dict) -> str:
+    from medfm.launch.memory import count_model, format_estimate
+    from medfm.pretrain.ds_config import deepspeed_config
+
+    lo, hi = world.node_range
+    sections = [("resolved config", resolved_yaml(cfg).rstrip()), ("world", world.describe())]
+    if cfg.train.strategy == "zero3":
+        ds = deepspeed_config(cfg, world.world_sizes[-1])
+        sections.append((f"DeepSpeed config (world size {world.world_sizes[-1]})", json.dumps(ds, indent=2)))
+        sections.append(("memory", format_estimate(count_model(cfg), world.nproc_per_node, hi, cfg.zero)))
+    else:
+        sections.append(("DeepSpeed config", f"none: train.strategy={cfg.train.strategy}"))
+    shown_env = {k: env[k] for k in ("OMP_NUM_THREADS", "DS_ACCELERATOR") if k in env}
+    sections.append(("command", " ".join(argv) + "\n" + " ".join(f"{k}={v}" for k, v in shown_env.items())))
+    return "\n\n".join(f"== {title} ==\n{body}" for title, body in sections)
+
+
+def _record(run_dir: Path, world: World, argv: list[str], env: dict) -> None:
+    path = run_dir / "launch.json"
+    try:
+        history = json.loads(path.read_text()) if path.is_file() else []
+    except json.JSONDecodeError:
+        history = []
+    history.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": os.uname().nodename,
+                    "node_rank": world.node_rank, "nnodes": world.nnodes, "nproc_per_node": world.nproc_per_node,
+                    "max_restarts": world.max_restarts, "argv": argv,
+                    "env": {k: env[k] for k in ("OMP_NUM_THREADS", "DS_ACCELERATOR") if k in env}})
+    tmp = run_dir / f".launch.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(history, indent=2))
+    os.replace(tmp, path)
+
+
+def run_agent(argv: list[str], env: dict) -> int:
+    """Run torchrun in the foreground; SIGINT/SIGTERM are forwarded so its workers shut down cleanly."""
+    proc = subprocess.Popen(argv, env=env)
+
+    def forward(signum, _frame):
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def launch(args) -> int:
+    world = World(nproc_per_node=args.nproc_per_node, nnodes=args.nnodes, node_rank=args.node_rank,
+                  rdzv_endpoint=args.rdzv_endpoint, max_restarts=args.max_restarts)
+    cfg = prepare(args.config, args.overrides, world)
+    run_dir = Path(cfg.run_dir)
+    config_path = (run_dir / "config.yaml").resolve()
+    if args.slurm:
+        from medfm.launch.slurm import parse_sbatch_options, render_sbatch
+
+        options = parse_sbatch_options(args.sbatch)
+        gpus = args.gpus_per_node if args.gpus_per_node is not None else world.nproc_per_node
+        text = render_sbatch(world, config_path, cfg.name, run_dir.resolve(), sys.executable, Path.cwd(),
+                             gpus or None, options)
+        write_resolved(cfg, run_dir)
+        out = Path(args.slurm)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        out.chmod(0o755)
+        print(f"wrote {out} ({world.node_range[1]} node(s) x {world.nproc_per_node} per node); "
+              f"submit with: sbatch {out}")
+        return 0
+    env = worker_env(world, cuda=has_cuda())
+    argv = torchrun_argv(world, config_path, cfg.name, (run_dir / "logs").resolve())
+    if args.dry_run:
+        print(dry_run_text(cfg, world, argv, env))
+        return 0
+    write_resolved(cfg, run_dir)
+    _record(run_dir, world, argv, env)
+    print(f"medfm launch: {cfg.name}: {world.describe().splitlines()[0]}; run dir {run_dir}", file=sys.stderr,
+          flush=True)
+    rc = run_agent(argv, env)
+    if rc != 0:
+        print(f"medfm launch: torchrun exited with {rc}; per-rank logs under {run_dir / 'logs'}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def load_resolved(run_dir) -> dict:
+    """The resolved config a launch wrote (for sweeps and reports)."""
+    return yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+
+
+__all__ = ["ConfigError", "World", "dry_run_text", "launch", "load_resolved", "prepare", "run_agent"]

@@ -1,0 +1,99 @@
+"""Resolve and check a run config before any process starts.
+
+``medfm launch`` fails here, in one line naming the key, for everything that would otherwise fail minutes later on
+every rank: unknown or mistyped keys (with the closest valid key, via medfm.schema), wrong types, batch arithmetic
+that does not fit the world size, and shard directories that do not exist. The RunConfig itself (and its own
+``validate``) belongs to medfm.pretrain.config; this module only adds the checks that need the world layout or the
+file system.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import yaml
+
+from medfm.schema import ConfigError, apply_overrides, to_dict
+
+RUNS_ROOT = "runs"
+
+
+def _raw(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise ConfigError(f"{path}:{f' line {mark.line + 1}' if mark else ''} is not valid YAML") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def resolve_config(path, overrides=(), runs_root: str = RUNS_ROOT):
+    """YAML + dotted overrides -> a validated RunConfig whose ``run_dir`` defaults to ``runs/<name>``.
+
+    ``run_dir`` given in the file or an override wins; otherwise it follows the (possibly overridden) name, so
+    ``medfm launch demo.yaml name=try2`` gets its own run directory instead of reusing demo's checkpoints."""
+    from medfm.pretrain.config import RunConfig
+    from medfm.schema import from_dict
+
+    data = apply_overrides(_raw(path), list(overrides), RunConfig)
+    if "run_dir" not in data:
+        name = data.get("name", RunConfig.name)
+        data["run_dir"] = str(Path(runs_root) / str(name))
+    try:
+        return from_dict(RunConfig, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def check_shards(cfg) -> None:
+    """Every local shard source must be a directory holding ``manifest.json`` (URL templates are checked by the
+    loader when it opens them)."""
+    for i, src in enumerate(cfg.data.sources):
+        if "://" in src.path or "{" in src.path:
+            continue
+        p = Path(os.path.expanduser(src.path))
+        if not p.is_dir():
+            raise ConfigError(f"data.sources[{i}].path: no shard directory at {p} (build one with `medfm shards build`)")
+        if not (p / "manifest.json").is_file():
+            raise ConfigError(f"data.sources[{i}].path: {p} has no manifest.json (not a medfm shard directory)")
+
+
+def check_world(cfg, world_sizes) -> None:
+    """Batch arithmetic for every world size the launch can produce (one for a fixed node count; each of an
+    elastic MIN:MAX range)."""
+    t = cfg.train
+    sizes = sorted(set(world_sizes))
+    if t.global_batch and len(sizes) > 1:
+        raise ConfigError(f"train.global_batch={t.global_batch} is fixed but elastic --nnodes gives world sizes "
+                          f"{sizes[0]}..{sizes[-1]}; set train.global_batch=0 (derived) for an elastic range")
+    for w in sizes:
+        t.check_world(w)
+
+
+def rdzv_id(name: str) -> str:
+    """Rendezvous id from the run name: agents of the same run meet, different runs on one host never do."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-") or "medfm"
+
+
+def resolved_yaml(cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def write_resolved(cfg, run_dir: Path) -> Path:
+    """runs/<name>/config.yaml, written atomically (every node of a shared file system may write the same text)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out = run_dir / "config.yaml"
+    text = resolved_yaml(cfg)
+    if out.is_file() and out.read_text() == text:
+        return out
+    tmp = run_dir / f".config.yaml.{os.getpid()}.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,123 @@
+"""The torchrun entry point of ``medfm launch``: one worker = one ``medfm pretrain`` rank.
+
+``python -m medfm.launch.worker CONFIG [key=value ...]``
+
+Why a wrapper and not ``medfm pretrain`` directly: torchrun restarts the *same* command after a failure, but the
+restarted attempt must resume from the newest complete checkpoint while the first attempt of a fresh run must not
+(``checkpoint.resume=latest`` fails when there is none). The wrapper decides per attempt, then runs ``medfm pretrain``
+in this process. Resuming restores the loader state and RNG with the weights, so no sample is lost or repeated.
+
+Fault injection for the restart tests (never set in normal runs): ``MEDFM_FAULT=MODE:STEP[:RANK[:ATTEMPT]]``, several
+separated by commas; a fault fires only in the worker of that global rank (default 0) during that restart attempt
+(TORCHELASTIC_RESTART_COUNT, default 0), so a restarted worker does not fire it again:
+
+* ``kill-after-checkpoint:S`` — SIGKILL this worker as soon as checkpoint step S is complete (its "latest" moved),
+  i.e. mid-training, after S.
+* ``kill-in-save:S`` — SIGKILL this worker in the middle of saving checkpoint S: after its DeepSpeed partitions are
+  written, before its client state and before the checkpoint is marked complete.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+def _latest_step(ckpt_root: Path) -> int | None:
+    from medfm.pretrain.checkpoint import TAG_RE, CheckpointManager
+
+    tag = CheckpointManager(ckpt_root, 1, 0, 1).latest()
+    return int(TAG_RE.match(tag).group(1)) if tag else None
+
+
+def _kill_self(reason: str) -> None:
+    print(f"medfm fault injection: {reason}; SIGKILL rank {os.environ.get('RANK')} (pid {os.getpid()})",
+          file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def install_faults(specs: str, ckpt_root: Path) -> None:
+    for spec in specs.split(","):
+        if spec.strip():
+            install_fault(spec.strip(), ckpt_root)
+
+
+def install_fault(spec: str, ckpt_root: Path) -> None:
+    """Arm one fault of ``MEDFM_FAULT`` (see the module docstring); a malformed spec is an error."""
+    parts = spec.split(":")
+    if len(parts) not in (2, 3, 4) or not all(p.isdigit() for p in parts[1:]):
+        raise SystemExit(f"MEDFM_FAULT={spec!r}: expected MODE:STEP[:RANK[:ATTEMPT]]")
+    mode, step = parts[0], int(parts[1])
+    rank = int(parts[2]) if len(parts) > 2 else 0
+    attempt = int(parts[3]) if len(parts) > 3 else 0
+    if mode not in ("kill-after-checkpoint", "kill-in-save"):
+        raise SystemExit(f"MEDFM_FAULT={spec!r}: unknown mode {mode!r} (kill-after-checkpoint | kill-in-save)")
+    if (int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) != attempt
+            or int(os.environ.get("RANK", "0")) != rank):
+        return
+    if mode == "kill-after-checkpoint":
+        def watch():
+            while True:
+                latest = _latest_step(ckpt_root)
+                if latest is not None and latest >= step:
+                    _kill_self(f"checkpoint step{latest} complete")
+                time.sleep(0.005)
+
+        threading.Thread(target=watch, daemon=True, name="medfm-fault").start()
+    else:  # kill-in-save
+        import medfm.pretrain.checkpoint as ck
+
+        original = ck._write_json_atomic
+        target = f"step{step}"
+
+        def write(path, data):
+            p = Path(path)
+            if p.parent.name == "client" and p.parent.parent.name == target:
+                _kill_self(f"saving checkpoint {target}, partitions written, not complete")
+            return original(path, data)
+
+        ck._write_json_atomic = write
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        print("usage: python -m medfm.launch.worker CONFIG [key=value ...]", file=sys.stderr)
+        return 2
+    from medfm.launch.cli import main as medfm_main
+    from medfm.launch.resolve import resolve_config
+    from medfm.schema import ConfigError
+
+    config, overrides = argv[0], argv[1:]
+    try:
+        cfg = resolve_config(config, overrides)
+    except ConfigError as exc:
+        print(f"medfm: error: {exc}", file=sys.stderr)
+        return 2
+    ckpt_root = Path(cfg.run_dir) / "checkpoints"
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    extra = []
+    if not cfg.checkpoint.resume:
+        latest = _latest_step(ckpt_root)
+        if latest is not None:
+            extra = ["checkpoint.resume=latest"]
+            if os.environ.get("RANK", "0") == "0":
+                print(f"medfm launch: attempt {attempt}: resuming from {ckpt_root}/step{latest}", file=sys.stderr,
+                      flush=True)
+    if os.environ.get("DS_ACCELERATOR") == "cpu":
+        # DeepSpeed's shared-memory comm op is a ~35 s C++ JIT build per process on CPU hosts; gloo does the same job.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    fault = os.environ.get("MEDFM_FAULT")
+    if fault:
+        install_faults(fault, ckpt_root)
+    return medfm_main(["pretrain", config, *overrides, *extra])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

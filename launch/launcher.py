@@ -4,7 +4,7 @@
 Run directory::
 
     runs/<name>/config.yaml        the resolved config every rank (and every restart) reads
-    runs/<name>/launch.json        the world layout and torchrun command of each launch on this node
+    runs/<name>/launches.jsonl     the world layout and torchrun command of every launch, one line each
     runs/<name>/checkpoints/       ZeRO-3 checkpoints ("latest" moves only after a complete save)
     runs/<name>/mlflow.db          run tracking (unless tracking.uri points at a server)
     runs/<name>/logs/<rdzv id>_*/attempt_<k>/<rank>/{stdout,stderr}.log   per rank and per restart attempt
@@ -53,18 +53,17 @@ def dry_run_text(cfg, world: World, argv: list[str], env: dict) -> str:
 
 
 def _record(run_dir: Path, world: World, argv: list[str], env: dict) -> None:
-    path = run_dir / "launch.json"
+    """Append this node's launch to runs/<name>/launches.jsonl (one O_APPEND write per line, so the agents of a
+    multi-node run sharing the directory never overwrite each other)."""
+    line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": os.uname().nodename,
+                       "node_rank": world.node_rank, "nnodes": world.nnodes, "nproc_per_node": world.nproc_per_node,
+                       "max_restarts": world.max_restarts, "argv": argv,
+                       "env": {k: env[k] for k in ("OMP_NUM_THREADS", "DS_ACCELERATOR") if k in env}}) + "\n"
+    fd = os.open(run_dir / "launches.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
-        history = json.loads(path.read_text()) if path.is_file() else []
-    except json.JSONDecodeError:
-        history = []
-    history.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": os.uname().nodename,
-                    "node_rank": world.node_rank, "nnodes": world.nnodes, "nproc_per_node": world.nproc_per_node,
-                    "max_restarts": world.max_restarts, "argv": argv,
-                    "env": {k: env[k] for k in ("OMP_NUM_THREADS", "DS_ACCELERATOR") if k in env}})
-    tmp = run_dir / f".launch.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(history, indent=2))
-    os.replace(tmp, path)
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
 
 
 def run_agent(argv: list[str], env: dict) -> int:

@@ -73,7 +73,7 @@ setup(
         "pillow>=10",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "monai>=1.3"] + REAL_DATA,
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "bashlex>=0.18", "monai>=1.3"] + REAL_DATA,
         "demo": REAL_DATA,
         "gpu": ["flash-attn", "xformers"],
     },

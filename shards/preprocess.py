@@ -118,7 +118,9 @@ def preprocess_volume(vol: np.ndarray, spacing, modality: str, cfg: VolumePrepro
         if new_shape != list(data.shape):
             data = ndimage.zoom(data, [t / n for t, n in zip(new_shape, data.shape)], order=1, mode="nearest",
                                 grid_mode=False)
-        spacing = [s * n / t for s, n, t in zip(spacing, vol.shape, data.shape)]
+        # zoom(grid_mode=False) keeps the first and last voxel centres fixed, so the new step is s*(n-1)/(t-1)
+        # (not s*n/t): record the grid the data really has.
+        spacing = [s * (n - 1) / (t - 1) if t > 1 else s * n for s, n, t in zip(spacing, vol.shape, data.shape)]
         applied["resample"] = {"method": "scipy.ndimage.zoom", "order": 1, "target_spacing": list(cfg.target_spacing)}
     if modality == "CT":
         lo, hi = cfg.ct_clip

@@ -55,7 +55,7 @@ def test_every_dataset_verifies_and_has_its_modalities(corpus):
         problems, stats = verify(path)
         assert problems == [], (ds, [str(p) for p in problems[:5]])
         manifest = load_manifest(path)
-        assert manifest["deid"]["enabled"] and not manifest["identifiable"]
+        assert manifest["deid"]["applied"] and not manifest["identifiable"]
         assert manifest["skipped"] == {}, (ds, manifest["skipped"])
         assert {m for m, n in manifest["totals"]["modalities"].items() if n} == expect[ds]
         assert summary["counts"][ds]["samples"] == manifest["totals"]["samples"]

@@ -140,9 +140,6 @@ def test_resampling_grid_differs_from_monai_by_design():
     assert list(ours.shape) == [max(1, round(n * s / t)) for n, s, t in zip(vol.shape, spacing, target)]
 
 
-@pytest.mark.xfail(strict=True, reason="shards/preprocess.py records spacing s*n/t, but ndimage.zoom(grid_mode=False) "
-                   "produces a grid of step s*(n-1)/(t-1); reported to the shards engineer. strict: remove this "
-                   "marker once fixed")
 def test_recorded_spacing_is_the_resampled_grid():
     rec = read_nifti(_anatomical(), "anatomical.nii")[0]
     vol, spacing = rec.volume, rec.volume_meta["spacing"]

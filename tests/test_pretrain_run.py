@@ -151,3 +151,21 @@ def test_cli_yaml_overrides_and_bad_key(tmp_path, shards):
     assert main(["pretrain", str(path), "train.stepz=1"]) == 2
     assert main(["pretrain", str(path), "train.steps=1", "train.strategy=ddp"]) == 0
     assert (tmp_path / "r" / "checkpoints" / "latest").is_file() is False  # checkpoint.final=false in the fixture
+
+
+def test_ddp_checkpoint_resume_exact_keep_k_and_consolidate(tmp_path, shards):
+    from medfm.pretrain.checkpoint import consolidate, model_state_dict
+
+    objectives = [{"name": "mae:image"}, {"name": "contrastive:image-text"}]
+    full = run_config(tmp_path / "run", shards, objectives, ("image", "text"), steps=6,
+                      train={"strategy": "ddp"}, checkpoint={"every": 2, "keep": 2})
+    first = _run(full)
+    resumed = _run({**full, "checkpoint": {"every": 2, "keep": 2, "resume": "step4"}})
+    assert resumed.losses == first.losses[4:]
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step*")) == ["step4", "step6"]  # keep the newest 2
+    assert (ckpts / "latest").read_text() == "step6"
+    sd = model_state_dict(consolidate(ckpts))
+    assert "towers.image.patch_embed.proj.weight" in sd or any(k.startswith("towers.image.") for k in sd)
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        _run({**full, "checkpoint": {"resume": "step5"}})

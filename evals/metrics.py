@@ -253,3 +253,75 @@ def concordance_index(time, risk, event) -> float:
     if den == 0:
         raise MetricError("concordance index undefined: no comparable pairs (no events before other times)")
     return num / den
+
+
+# ---------------------------------------------------------------------------------------------- segmentation
+# Per-sample, per-class overlap and boundary metrics on label maps, with MONAI's conventions (tested equal to
+# monai.metrics.compute_dice / compute_hausdorff_distance(percentile=95)): a class absent from the ground truth of a
+# sample gives NaN (excluded from the mean, MONAI's ``ignore_empty``); voxels labelled < 0 are outside the image
+# (collate padding) and count for neither mask.
+def dice_score(pred_mask, true_mask) -> float:
+    """2|P∩T| / (|P| + |T|) of two boolean masks; NaN when T is empty."""
+    p, t = np.asarray(pred_mask, bool), np.asarray(true_mask, bool)
+    if p.shape != t.shape:
+        raise MetricError(f"dice: prediction shape {p.shape} != ground truth shape {t.shape}")
+    nt = int(t.sum())
+    if nt == 0:
+        return float("nan")
+    return float(2.0 * np.logical_and(p, t).sum() / (p.sum() + nt))
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    """Boundary voxels: the mask minus its erosion (face connectivity; outside the array counts as background)."""
+    from scipy.ndimage import binary_erosion
+
+    return mask & ~binary_erosion(mask, border_value=0)
+
+
+def hausdorff_distance(pred_mask, true_mask, percentile: float = 95.0, spacing=None) -> float:
+    """Symmetric percentile Hausdorff distance between the surfaces of two boolean masks, in units of ``spacing``
+    (per axis; default 1 voxel): the larger of the two directed ``percentile`` surface distances.
+
+    Distances come from Euclidean distance transforms of each surface's complement (scipy.ndimage). NaN when the
+    ground truth is empty; when only the prediction is empty the distance is undefined (MONAI gives inf) and we
+    return the array's diagonal, the largest distance the image allows, so that a missed structure is the worst
+    case and means stay finite.
+    """
+    from scipy.ndimage import distance_transform_edt
+
+    p, t = np.asarray(pred_mask, bool), np.asarray(true_mask, bool)
+    if p.shape != t.shape:
+        raise MetricError(f"hausdorff: prediction shape {p.shape} != ground truth shape {t.shape}")
+    sp = np.ones(p.ndim) if spacing is None else np.broadcast_to(np.asarray(spacing, np.float64), (p.ndim,))
+    if not t.any():
+        return float("nan")
+    if not p.any():
+        return float(np.sqrt(np.sum(((np.array(p.shape) - 1) * sp) ** 2)))
+    sp_, st_ = _surface(p), _surface(t)
+    d_pt = distance_transform_edt(~st_, sampling=sp)[sp_]  # each predicted surface voxel -> nearest true surface
+    d_tp = distance_transform_edt(~sp_, sampling=sp)[st_]
+    return float(max(np.percentile(d_pt, percentile), np.percentile(d_tp, percentile)))
+
+
+def segmentation_scores(pred, true, n_classes: int, spacing=None, percentile: float = 95.0,
+                        include_background: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(dice [C], hd [C]) of one sample's label maps for classes 1..K-1 (0..K-1 with include_background).
+    Voxels with ``true < 0`` are ignored in both maps."""
+    pred, true = np.asarray(pred), np.asarray(true)
+    if pred.shape != true.shape:
+        raise MetricError(f"segmentation: prediction shape {pred.shape} != ground truth shape {true.shape}")
+    valid = true >= 0
+    classes = range(0 if include_background else 1, n_classes)
+    dice = np.array([dice_score((pred == c) & valid, (true == c) & valid) for c in classes])
+    hd = np.array([hausdorff_distance((pred == c) & valid, (true == c) & valid, percentile, spacing)
+                   for c in classes])
+    return dice, hd
+
+
+def nanmean_defined(values) -> float:
+    """Mean of the defined (non-NaN) entries; MetricError when there is none (the class never occurs)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[~np.isnan(v)]
+    if v.size == 0:
+        raise MetricError("class absent from every ground-truth mask of the split")
+    return float(v.mean())

@@ -445,32 +445,34 @@ def _manifest_sha(path: Path) -> str | None:
     return hashlib.sha256(f.read_bytes()).hexdigest()
 
 
-def dataset_counts(shard_dir: Path, label_names: list[str]) -> dict:
-    """Counts read back from the written shards (meta.json only): modalities, splits, labels per split."""
+def dataset_counts(shard_dir: Path, label_classes: dict[str, list[str]]) -> dict:
+    """Counts read back from the written shards (meta.json only): modalities, splits, and per label, split and
+    class name the number of samples."""
     from medfm.shards.manifest import shard_paths
     from medfm.shards.verify import iter_tar_samples
 
     manifest = load_manifest(shard_dir)
-    labels: dict[str, dict[str, Counter]] = {n: {s: Counter() for s in SPLITS} for n in label_names}
+    labels: dict[str, dict[str, Counter]] = {n: {s: Counter() for s in SPLITS} for n in label_classes}
     with_text = 0
     for path in shard_paths(shard_dir, manifest):
         for members in iter_tar_samples(path):
             meta = json.loads(members["meta.json"])
             with_text += "txt" in members or "text.txt" in members
-            for n in label_names:
+            for n, classes in label_classes.items():
                 if n in meta.get("labels", {}):
-                    labels[n][meta["split"]][int(meta["labels"][n])] += 1
+                    labels[n][meta["split"]][classes[int(meta["labels"][n])]] += 1
     t = manifest["totals"]
     return {"samples": t["samples"], "modalities": t.get("modalities", {}), "splits": t.get("splits", {}),
             "with_text": with_text, "skipped": manifest.get("skipped", {}),
-            "labels": {n: {s: dict(sorted(c.items())) for s, c in per.items()} for n, per in labels.items()}}
+            "labels": {n: {s: {c: per[s][c] for c in label_classes[n]} for s in SPLITS}
+                       for n, per in labels.items()}}
 
 
 def build_demo_corpus(out_dir, *, salt: str, workers: int = 2, progress: bool = True, log=None) -> dict:
     """Build (or reuse) the demo corpus under ``out_dir``; returns the summary (also in ``out_dir/corpus.json``).
 
     Summary keys: ``root``, ``sources``, ``datasets`` {name: shard dir}, ``counts`` {name: {samples, modalities,
-    splits, with_text, skipped, labels {label: {split: {class index: n}}}}}, ``tasks`` {task: {dataset, modality,
+    splits, with_text, skipped, labels {label: {split: {class name: n}}}}} (meta.labels holds the class index), ``tasks`` {task: {dataset, modality,
     label, classes, prompts, caption_template, derived_from}}, ``split_seeds``, ``spec``, ``reused`` (datasets
     taken from an earlier build), ``seconds``.
     """
@@ -495,6 +497,7 @@ def build_demo_corpus(out_dir, *, salt: str, workers: int = 2, progress: bool = 
                "datasets": {}, "counts": {}, "split_seeds": dict(state.get("split_seeds", {})) if done else {},
                "tasks": {k: vars(v) for k, v in TASKS.items()}, "reused": [], "built": {}}
     labels_of = {ds: sorted({t.label for t in TASKS.values() if t.dataset == ds}) for ds in DATASETS}
+    classes_of = {ds: {t.label: t.classes for t in TASKS.values() if t.dataset == ds} for ds in DATASETS}
     brain: dict = {}  # the template and both brain plans, computed once (mri2d and mri3d share their cells)
     for ds in DATASETS:
         shard_dir, src = out / "shards" / ds, out / "sources" / ds
@@ -531,7 +534,7 @@ def build_demo_corpus(out_dir, *, salt: str, workers: int = 2, progress: bool = 
         cfg = ingest_config(ds, salt, workers if ds == "real" or len(list(src.glob("index-*.csv"))) > 1 else 1,
                             seed)
         build([src], shard_dir, cfg, progress=progress, log=log)
-        counts = dataset_counts(shard_dir, labels_of[ds])
+        counts = dataset_counts(shard_dir, classes_of[ds])
         entry = {"manifest_sha256": _manifest_sha(shard_dir), "split_seed": seed, "counts": counts,
                  "seconds": round(time.perf_counter() - t1, 2)}
         summary["built"][ds] = entry

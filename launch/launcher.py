@@ -83,8 +83,11 @@ def run_agent(argv: list[str], env: dict) -> int:
 
 
 def launch(args) -> int:
+    endpoint = args.rdzv_endpoint
+    if args.slurm and endpoint is None:  # the batch script finds the first node of its allocation at run time
+        endpoint = "first-node-of-allocation:29500"
     world = World(nproc_per_node=args.nproc_per_node, nnodes=args.nnodes, node_rank=args.node_rank,
-                  rdzv_endpoint=args.rdzv_endpoint, max_restarts=args.max_restarts)
+                  rdzv_endpoint=endpoint, max_restarts=args.max_restarts)
     cfg = prepare(args.config, args.overrides, world)
     run_dir = Path(cfg.run_dir)
     config_path = (run_dir / "config.yaml").resolve()

@@ -66,10 +66,12 @@ def render_sbatch(world: World, config_path: Path, run_name: str, run_dir: Path,
         f"mkdir -p {q(str(logs))}",
         "",
         "# Rendezvous on the first node of the allocation.",
-        'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        # (awk reads every line: `head -n 1` would SIGPIPE scontrol and fail the script under pipefail)
+        'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | awk \'NR == 1\')',
+        'if [ -z "$head_node" ]; then echo "medfm: no hosts in SLURM_JOB_NODELIST" >&2; exit 1; fi',
         "",
         f"# OMP threads per worker: this task's CPUs split over the {world.nproc_per_node} processes of a node.",
-        f'cpus="${{SLURM_CPUS_ON_NODE:-$(nproc)}}"',
+        'cpus="${SLURM_CPUS_ON_NODE:-$(nproc)}"',
         f"export OMP_NUM_THREADS=$(( cpus / {world.nproc_per_node} > 0 ? cpus / {world.nproc_per_node} : 1 ))",
         "export PYTHONUNBUFFERED=1",
     ]
@@ -85,11 +87,11 @@ def render_sbatch(world: World, config_path: Path, run_name: str, run_dir: Path,
 
 
 def _pairs(words: list[str]) -> list[str]:
-    """Group ``--flag value`` pairs on one line each, for a readable script."""
+    """Group ``--flag value`` (and ``-m module``) pairs on one line each, for a readable script."""
     out, i = [], 0
     while i < len(words):
         w = words[i]
-        if w.startswith("--") and i + 1 < len(words) and not words[i + 1].startswith("-"):
+        if w.startswith("-") and i + 1 < len(words) and not words[i + 1].startswith("-"):
             out.append(f"{w} {words[i + 1]}")
             i += 2
         else:

@@ -475,8 +475,12 @@ class ShardLoader:
         stop = (self.epoch + 1) * self.steps_per_epoch if self.config.mode == "epoch" else None
         ds = self._dataset(stop)
         nw = self.config.num_workers
+        # An own generator: otherwise starting the iterator draws a base seed from the global torch RNG, and the
+        # training RNG stream (dropout, MAE masks) would depend on when epochs start (breaking exact resume).
+        # Nothing here uses the worker seeds; all randomness is hashed from (seed, step, slot).
         dl = DataLoader(ds, batch_size=None, num_workers=nw, pin_memory=self.config.pin_memory,
-                        prefetch_factor=self.config.prefetch_factor if nw > 0 else None)
+                        prefetch_factor=self.config.prefetch_factor if nw > 0 else None,
+                        generator=torch.Generator().manual_seed(self.config.seed))
         for batch in dl:
             info = batch.pop("_medfm")
             if info["step"] != self.step:  # DataLoader returns worker outputs in order; anything else is a bug

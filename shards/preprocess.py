@@ -112,7 +112,9 @@ def preprocess_volume(vol: np.ndarray, spacing, modality: str, cfg: VolumePrepro
     applied: dict = {"source_shape": list(vol.shape), "source_spacing": spacing}
     if cfg.target_spacing is not None:
         zoom = [s / t for s, t in zip(spacing, cfg.target_spacing)]
-        new_shape = [max(1, int(round(n * z))) for n, z in zip(data.shape, zoom)]
+        # A single-slice axis has no extent to interpolate over (zoom would only copy the slice, and the
+        # endpoint-aligned step below would be 0): it keeps one voxel and its own spacing.
+        new_shape = [max(1, int(round(n * z))) if n > 1 else 1 for n, z in zip(data.shape, zoom)]
         if int(np.prod(new_shape)) > cfg.max_voxels:
             raise PreprocessError("too_large", f"resampling to {cfg.target_spacing} mm gives {new_shape}")
         if new_shape != list(data.shape):

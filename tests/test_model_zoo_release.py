@@ -163,3 +163,18 @@ def test_zoo_index(model, release, tmp_path):
         zoo.resolve("chest-tiny:2.0")
     with pytest.raises(ReleaseError, match="NAME"):
         zoo.resolve("bad name")
+
+
+def test_zoo_cli(model, tmp_path, capsys):
+    from medfm.launch.cli import main
+
+    zoo = tmp_path / "clizoo"
+    Zoo(zoo).publish(model, "ecg-tiny:1.0", card="# ECG tiny\nintended use: tests\n", summary="cli test")
+    assert main(["zoo", "list", "--zoo", str(zoo)]) == 0
+    assert "ecg-tiny" in capsys.readouterr().out
+    assert main(["zoo", "show", "ecg-tiny", "--zoo", str(zoo)]) == 0
+    assert "intended use: tests" in capsys.readouterr().out
+    assert main(["zoo", "verify", "ecg-tiny:1.0", "--zoo", str(zoo)]) == 0
+    assert main(["zoo", "show", "nope", "--zoo", str(zoo)]) == 2
+    (zoo / "ecg-tiny" / "1.0" / "README.md").write_text("tampered\n")
+    assert main(["zoo", "verify", "ecg-tiny:1.0", "--zoo", str(zoo)]) == 1

@@ -328,3 +328,25 @@ def test_a_missing_shard_file_is_counted_not_fatal(tmp_path):
     runs = _run(LoaderConfig(sources=[SourceConfig(str(d))], batch_size=3, num_workers=0), world=2)
     assert [len(seq) for seq, _ in runs] == [2, 2]
     assert sum(ld.bad_in_order.counts["missing_shard"] for _, ld in runs) == 4
+
+
+def test_example_mix_config_parses():
+    from pathlib import Path
+
+    from medfm.schema import load_yaml
+
+    cfg = load_yaml(Path(__file__).parent.parent / "configs/loader/multimodal_mix.yaml", LoaderConfig)
+    assert [g.weight for g in cfg.plan.groups] == [0.5, 0.2, 0.2, 0.1] and cfg.sources[2].weight == 3
+    planner = StepPlanner(cfg.plan)
+    assert Counter(planner(s).group for s in range(1000))["image_text"] > 400
+
+
+def test_iterating_does_not_touch_the_global_torch_rng(ds):
+    d, _ = ds
+    ld = ShardLoader(LoaderConfig(sources=[SourceConfig(str(d))], batch_size=4, num_workers=2), rank=0, world_size=1)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    for _ in ld:
+        pass
+    assert torch.equal(torch.rand(3), expected)

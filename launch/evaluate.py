@@ -1,0 +1,86 @@
+"""Held-out loss of a finished run: the run's own objectives on another split, for scaling-law points.
+
+``python -m medfm.launch.evaluate RUN_DIR [--split val] [--max-batches N] [--seed S]`` prints one JSON line
+``{"losses": {objective: mean}, "total": weighted mean, "batches": n, "samples": m}``.
+
+It runs in its own process (a world of one) so the sweep driver never initialises torch.distributed: the final
+checkpoint is consolidated to fp32, loaded into the same PretrainModule the run trained (DDP strategy, no DeepSpeed
+needed), and evaluated in eval mode under a fixed seed (MAE masks are random) over one pass of the split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def evaluate_run(run_dir, split: str = "val", max_batches: int = 0, seed: int = 0) -> dict:
+    import torch
+
+    from medfm.pretrain.checkpoint import consolidate
+    from medfm.pretrain.config import RunConfig
+    from medfm.pretrain.engine import Engine, init_distributed, setup_environment
+    from medfm.pretrain.train import build_data
+    from medfm.schema import ConfigError, from_dict
+
+    run_dir = Path(run_dir)
+    cfg = from_dict(RunConfig, yaml.safe_load((run_dir / "config.yaml").read_text()))
+    cfg.train.strategy = "ddp"
+    cfg.data.split = split
+    cfg.data.mode = "epoch"
+    cfg.data.shuffle = False
+    cfg.data.num_workers = 0
+    setup_environment()
+    init_distributed()
+    engine = Engine(cfg, 0, 1)
+    state = consolidate(run_dir / "checkpoints")
+    missing, unexpected = engine.module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"{run_dir}: checkpoint does not match the run's model (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]})")
+    engine.module.eval()
+    loader = build_data(cfg, engine, 0, 1)
+    torch.manual_seed(seed)
+    sums: dict[str, float] = {}
+    batches = samples = 0
+    with torch.no_grad():
+        for batch in loader:
+            losses, _, _ = engine.forward(batch, batch.get("plan"))
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0.0) + float(value)
+            batches += 1
+            samples += len(batch.get("keys", ()))
+            if max_batches and batches >= max_batches:
+                break
+    if not batches:
+        raise ConfigError(f"{run_dir}: no '{split}' samples in {[s.path for s in cfg.data.sources]}")
+    means = {k: v / batches for k, v in sums.items()}
+    weights = {o.name: o.weight for o in cfg.objectives}
+    total = sum(weights.get(k, 0.0) * v for k, v in means.items())
+    return {"losses": means, "total": total, "batches": batches, "samples": samples, "split": split}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m medfm.launch.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir")
+    p.add_argument("--split", default="val")
+    p.add_argument("--max-batches", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    from medfm.schema import ConfigError
+
+    try:
+        result = evaluate_run(args.run_dir, args.split, args.max_batches, args.seed)
+    except ConfigError as exc:
+        print(f"medfm: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,7 +6,7 @@
    (target <= 0.55, persistence threshold 0).
 3. CPU MFU of a small ViT MAE step (FLOPs counted by torch.utils.flop_counter, peak = measured dense matmul).
 
-    python benchmarks/train_step.py            # runs 1 and 3 here, 2 through torchrun, prints a JSON summary
+    python benchmarks/train_step.py [overhead] [zero3] [mfu]   # default all; 2 runs through torchrun; JSON out
 """
 
 from __future__ import annotations
@@ -95,11 +95,14 @@ def medfm_vs_handwritten(tmp: Path) -> dict:
         sched.step()
         opt.zero_grad(set_to_none=True)
 
-    # Interleave to share the machine's load fairly between the two.
+    # Alternate step by step so both see the same machine load (shared CPUs are noisy); medians of the pairs.
+    for _ in range(WARMUP):
+        medfm_step()
+        hand_step()
     medfm_t, hand_t = [], []
-    for _ in range(3):
-        medfm_t.append(_time(medfm_step, steps=STEPS // 3 + 1, warmup=1))
-        hand_t.append(_time(hand_step, steps=STEPS // 3 + 1, warmup=1))
+    for _ in range(STEPS):
+        medfm_t.append(_time(medfm_step, steps=1, warmup=0))
+        hand_t.append(_time(hand_step, steps=1, warmup=0))
     m, h = statistics.median(medfm_t), statistics.median(hand_t)
     return {"medfm_step_s": m, "handwritten_step_s": h, "ratio": m / h}
 
@@ -181,9 +184,14 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        summary = {"medfm_vs_handwritten": medfm_vs_handwritten(tmp)}
-        summary["zero3_vs_ddp_2proc"] = zero3_vs_ddp(tmp)
-        summary["mae_mfu_cpu"] = mae_mfu(tmp)
+        parts = sys.argv[1:] or ["overhead", "zero3", "mfu"]
+        summary = {}
+        if "overhead" in parts:
+            summary["medfm_vs_handwritten"] = medfm_vs_handwritten(tmp)
+        if "zero3" in parts:
+            summary["zero3_vs_ddp_2proc"] = zero3_vs_ddp(tmp)
+        if "mfu" in parts:
+            summary["mae_mfu_cpu"] = mae_mfu(tmp)
     summary["host"] = {"cpus": os.cpu_count(), "load_avg": os.getloadavg(), "torch": torch.__version__}
     print(json.dumps(summary, indent=1))
 

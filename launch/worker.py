@@ -83,6 +83,33 @@ def install_fault(spec: str, ckpt_root: Path) -> None:
         ck._write_json_atomic = write
 
 
+def init_process_group() -> None:
+    """Join the torchrun world with store keys private to this restart attempt.
+
+    Under the c10d rendezvous the workers share the agent's TCPStore across restarts (TORCHELASTIC_USE_AGENT_STORE),
+    and torch 2.13 adds no per-attempt prefix: after a restart, ``new_group`` (DeepSpeed creates several) reads the
+    dead workers' gloo addresses and fails with "connectFullMesh ... Connection refused". Prefixing the store with
+    the attempt number gives every attempt fresh keys; pretrain's ``init_distributed`` then finds the group ready.
+    """
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized() or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return  # not under an elastic agent's store: pretrain's own env:// initialisation is correct
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    timeout = datetime.timedelta(minutes=30)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo", store=dist.PrefixStore(f"/medfm/attempt_{attempt}", store),
+                            rank=rank, world_size=world, timeout=timeout)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
@@ -116,6 +143,7 @@ def main(argv=None) -> int:
     fault = os.environ.get("MEDFM_FAULT")
     if fault:
         install_faults(fault, ckpt_root)
+    init_process_group()
     return medfm_main(["pretrain", config, *overrides, *extra])
 
 

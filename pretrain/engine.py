@@ -91,7 +91,7 @@ class Engine:
         self.module = self._build()
         self.param_names = [n for n, _ in self.module.named_parameters()]
         opt = torch.optim.AdamW(param_groups(self.module, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+                                betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, foreach=True)
         o, steps = cfg.optim, cfg.train.steps
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_factor(s, o.warmup_steps, steps, o.min_lr_ratio))

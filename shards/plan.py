@@ -55,6 +55,8 @@ class PlanConfig:
     def validate(self):
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {list(POLICIES)}, got {self.policy!r}")
+        if self.policy != "all" and not self.groups:
+            raise ValueError(f"policy {self.policy!r} needs plan.groups (one modality group per step)")
         names = [g.name for g in self.groups]
         if len(set(names)) != len(names):
             raise ValueError(f"plan.groups: duplicate group name in {names}")

@@ -3,15 +3,17 @@
 timm cannot be imported beside torch 2.13.0 here (it needs torchvision; torchvision 0.28.0 fails with
 "operator torchvision::nms does not exist"), so the key names, shapes and constructor kwargs are checked against a
 fixture captured from real timm 1.0.31 code (benchmarks/model_zoo_capture_timm_keys.py; outputs matched exactly,
-max |diff| recorded in the fixture). Where timm imports, the live test also loads the weights into timm and compares.
+max |diff| recorded in the fixture), and live: the peer environment (.venv-peers, `make peers`, where timm imports
+beside torchvision) builds timm's VisionTransformer, loads the mapped weights strictly and must give our outputs.
 """
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from peers.parity_env import PEERS_DIR, peer_python, run_script
+from safetensors.torch import load_file, save_file
 
 from medfm.model_zoo import create
 from medfm.model_zoo.timm_interop import from_timm_state_dict, timm_kwargs, to_timm_state_dict
@@ -47,16 +49,17 @@ def test_unmappable_timm_tensors_are_named():
         from_timm_state_dict(vit, sd)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("timm") is None,
-                    reason="timm is not importable beside torch 2.13.0 (needs torchvision); mapping is checked "
-                           "against the captured timm 1.0.31 fixture instead")
 @pytest.mark.parametrize("case", CASES, ids=[str(c["overrides"]) for c in CASES])
-def test_live_timm_outputs_match(case):
-    from timm.models.vision_transformer import VisionTransformer
-
+def test_live_timm_outputs_match(case, tmp_path):
+    """Real timm (in the peer environment, where it imports beside torchvision) loads the mapped weights strictly
+    and computes the same pooled output as medfm's tower."""
     vit = _vit(case["overrides"])
-    tm = VisionTransformer(**timm_kwargs(vit)).eval()
-    tm.load_state_dict(to_timm_state_dict(vit), strict=True)
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    (tmp_path / "kwargs.json").write_text(json.dumps(timm_kwargs(vit)))
+    tensors = {k: v.contiguous() for k, v in to_timm_state_dict(vit).items()}
+    save_file({**tensors, "__input__": x}, str(tmp_path / "tensors.safetensors"))
+    out = tmp_path / "timm_out.safetensors"
+    run_script(peer_python(), PEERS_DIR / "timm_vit.py", [tmp_path, out], timeout=180)
     with torch.no_grad():
-        torch.testing.assert_close(tm(x), vit.pool(vit(x)))
+        ours = vit.pool(vit(x))
+    torch.testing.assert_close(load_file(str(out))["pooled"], ours, rtol=1e-5, atol=1e-5)

@@ -57,6 +57,7 @@ def test_plan_round_robin_and_weighted_are_pure_functions_of_seed_and_step():
     ({"policy": "sometimes"}, "policy"),
     ({"groups": [{"name": "a", "modalities": ["xray"]}]}, "unknown modality"),
     ({"groups": [{"name": "a", "modalities": ["image"]}, {"name": "a", "modalities": ["text"]}]}, "duplicate"),
+    ({"policy": "round_robin"}, "needs plan.groups"),
 ])
 def test_plan_config_errors_name_the_field(bad, msg):
     with pytest.raises(ConfigError, match=msg):

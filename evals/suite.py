@@ -33,8 +33,10 @@ from medfm.evals.metrics import MetricError
 from medfm.evals.protocols.base import FeatureSplit, ProtocolError, ProtocolResult, Row, TaskInfo
 from medfm.evals.scoring import TASK_KINDS, score
 
-PROTOCOLS = ("logistic", "mae", "knn", "fewshot", "zeroshot", "retrieval", "prognosis")
-Protocol = Literal["logistic", "mae", "knn", "fewshot", "zeroshot", "retrieval", "prognosis"]
+PROTOCOLS = ("logistic", "mae", "knn", "fewshot", "zeroshot", "retrieval", "prognosis", "segmentation", "generation")
+Protocol = Literal["logistic", "mae", "knn", "fewshot", "zeroshot", "retrieval", "prognosis", "segmentation",
+                   "generation"]
+DENSE_PROTOCOLS = ("segmentation", "generation")  # kind == protocol; scored by their own metrics, not scoring.py
 
 
 @dataclass
@@ -51,18 +53,28 @@ class TaskConfig:
     data: TaskData
     modality: str
     protocol: Protocol
-    kind: str = "binary"
+    kind: str = "binary"  # or segmentation / generation for those protocols
     label: str = ""  # meta.labels field (class name or id); survival: the time field
     labels: list[str] = field(default_factory=list)  # multilabel findings (0/1 fields)
     classes: list[str] = field(default_factory=list)  # class names in id order; binary default [negative, positive]
     event: str = ""  # survival: the 0/1 event field
     drop_missing: bool = False
     prompts: str = ""  # zero-shot prompt file (YAML/JSON), relative to the suite file
+    masks: str = ""  # segmentation: shard dir of label maps, same keys and splits as data.dir (evals/dense.py)
     options: dict = field(default_factory=dict)  # protocol options (see evals/protocols/*.py dataclasses)
     metrics: list[str] = field(default_factory=list)  # subset of the kind's metrics to report ([] = all)
     max_samples: int = 0  # evaluate on the first N samples of each split (cheap periodic evals); 0 = all
 
     def validate(self):
+        if self.protocol in DENSE_PROTOCOLS or self.kind in DENSE_PROTOCOLS:
+            if self.kind != self.protocol:
+                raise ValueError(f"kind: protocol {self.protocol} goes with kind: {self.protocol} (got {self.kind!r})")
+            if self.protocol == "segmentation" and not self.masks:
+                raise ValueError("masks: a segmentation task needs the shard dir of its label maps")
+            if self.protocol == "segmentation" and len(self.classes) < 2:
+                raise ValueError("classes: a segmentation task needs its label-map class names in id order "
+                                 "(background first)")
+            return
         if self.kind not in TASK_KINDS:
             raise ValueError(f"kind: expected one of {list(TASK_KINDS)}, got {self.kind!r}")
         if self.protocol == "retrieval":
@@ -182,6 +194,10 @@ def run_task(task: TaskConfig, suite: EvalSuite, feats: _Features, main: bool = 
     from medfm.evals.protocols import fewshot, knn, linear, prognosis, retrieval, zeroshot
 
     directory = _resolve(suite, task.data.dir)
+    if task.protocol == "segmentation":
+        return _run_segmentation(task, suite, feats, directory, main)
+    if task.protocol == "generation":
+        return _run_generation(task, suite, feats, directory, main)
     info_task = TaskInfo(task.name, task.kind, LabelSpec(task.name, task.kind, task.label, tuple(task.labels),
                                                          tuple(task.classes)).class_names)
     if task.protocol == "retrieval":
@@ -236,6 +252,67 @@ def run_task(task: TaskConfig, suite: EvalSuite, feats: _Features, main: bool = 
                   only=task.metrics or None)
     rows = [Row(m, est) for m, est in table.items()]
     return TaskResult(task.name, task.protocol, task.kind, task.modality, "ok", rows, info=info, predictions=pred)
+
+
+def _subset(task: TaskConfig, n: int, seed: int, pos=None) -> np.ndarray:
+    pos = np.arange(n) if pos is None else np.asarray(pos)
+    if task.max_samples and len(pos) > task.max_samples:
+        pos = np.sort(np.random.default_rng([seed, len(pos)]).choice(pos, task.max_samples, replace=False))
+    return pos
+
+
+def _run_segmentation(task: TaskConfig, suite: EvalSuite, feats: _Features, directory: str, main: bool):
+    """UNETR-style decoder on the frozen tower's tokens of several depths; Dice / HD95 per class."""
+    from medfm.evals.dense import default_layers, extract_dense, vit_tower
+    from medfm.evals.protocols import segmentation as seg
+
+    opts = _options(seg.SegmentationOptions, task)
+    tower = vit_tower(feats.model, task.modality)
+    patch = tower.patch_size if task.modality == "volume" else (tower.patch_size,) * 2
+    n_stages = len(seg.upsampling_stages(patch))
+    layers = list(opts.layers) or default_layers(len(tower.blocks), n_stages)
+    if len(layers) != n_stages:
+        raise ProtocolError(f"task {task.name}: options.layers needs {n_stages} blocks (one per x2 stage of patch "
+                            f"size {list(patch)}), got {layers}")
+    masks_dir = _resolve(suite, task.masks)
+
+    def dense(split):
+        index = feats.index(directory, split)
+        return extract_dense(feats.model, index, feats.index(masks_dir, split), task.modality, layers,
+                             len(task.classes), _subset(task, len(index), suite.seed), suite.batch_size,
+                             task.options.get("collate"), feats.acc)
+
+    train, test = dense(task.data.train), dense(task.data.test)
+    val = dense(task.data.val) if task.data.val else None
+    if not main:
+        return TaskResult(task.name, task.protocol, task.kind, task.modality, "ok")
+    res = seg.segmentation_probe(task.name, list(task.classes), train, val, test, patch, tower.in_chans, opts,
+                                 suite.n_boot, suite.seed)
+    res.info["layers"] = layers
+    return TaskResult(task.name, task.protocol, task.kind, task.modality, "ok", res.rows, info=res.info)
+
+
+def _run_generation(task: TaskConfig, suite: EvalSuite, feats: _Features, directory: str, main: bool):
+    """Reports from the model's caption decoder (greedy) on the test split, scored against each sample's text."""
+    from medfm.evals.generate import GenerationOptions, generate_reports
+    from medfm.evals.protocols.generation import KeywordLabeller, generation_metrics
+
+    opts = _options(GenerationOptions, task)
+    index = feats.index(directory, task.data.test)
+    has_text = [i for i, m in enumerate(index.metas)
+                if {"text", task.modality} <= set(m.get("modalities") or [])]
+    if not has_text:
+        raise ProtocolError(f"task {task.name}: no {task.data.test} sample has both {task.modality} and text")
+    pos = _subset(task, len(index), suite.seed, has_text)
+    hyps, refs = generate_reports(feats.model, index, task.modality, pos, opts, suite.batch_size,
+                                  task.options.get("collate"), feats.acc)
+    if not main:
+        return TaskResult(task.name, task.protocol, task.kind, task.modality, "ok")
+    labeller = KeywordLabeller(dict(opts.findings)) if opts.findings else None
+    res = generation_metrics(refs, hyps, index.patients[pos], labeller, n_boot=suite.n_boot, seed=suite.seed)
+    examples = [{"key": index.keys[p], "reference": r, "generated": h} for p, r, h in list(zip(pos, refs, hyps))[:5]]
+    res.info.update(tokenizer=opts.tokenizer, max_new_tokens=opts.max_new_tokens, examples=examples)
+    return TaskResult(task.name, task.protocol, task.kind, task.modality, "ok", res.rows, info=res.info)
 
 
 def run_suite(suite: EvalSuite, model, model_hash: str, out_dir=None, accelerator=None,

@@ -11,8 +11,8 @@ Fault injection for the restart tests (never set in normal runs): ``MEDFM_FAULT=
 separated by commas; a fault fires only in the worker of that global rank (default 0) during that restart attempt
 (TORCHELASTIC_RESTART_COUNT, default 0), so a restarted worker does not fire it again:
 
-* ``kill-after-checkpoint:S`` — SIGKILL this worker as soon as checkpoint step S is complete (its "latest" moved),
-  i.e. mid-training, after S.
+* ``kill-after-checkpoint:S`` — SIGKILL this worker right after checkpoint S is complete ("latest" moved), before
+  step S+1 trains.
 * ``kill-in-save:S`` — SIGKILL this worker in the middle of saving checkpoint S: after its DeepSpeed partitions are
   written, before its client state and before the checkpoint is marked complete.
 """
@@ -22,8 +22,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import threading
-import time
 from pathlib import Path
 
 
@@ -40,13 +38,13 @@ def _kill_self(reason: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def install_faults(specs: str, ckpt_root: Path) -> None:
+def install_faults(specs: str) -> None:
     for spec in specs.split(","):
         if spec.strip():
-            install_fault(spec.strip(), ckpt_root)
+            install_fault(spec.strip())
 
 
-def install_fault(spec: str, ckpt_root: Path) -> None:
+def install_fault(spec: str) -> None:
     """Arm one fault of ``MEDFM_FAULT`` (see the module docstring); a malformed spec is an error."""
     parts = spec.split(":")
     if len(parts) not in (2, 3, 4) or not all(p.isdigit() for p in parts[1:]):
@@ -59,18 +57,20 @@ def install_fault(spec: str, ckpt_root: Path) -> None:
     if (int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) != attempt
             or int(os.environ.get("RANK", "0")) != rank):
         return
+    import medfm.pretrain.checkpoint as ck
+
     if mode == "kill-after-checkpoint":
-        def watch():
-            while True:
-                latest = _latest_step(ckpt_root)
-                if latest is not None and latest >= step:
-                    _kill_self(f"checkpoint step{latest} complete")
-                time.sleep(0.005)
+        # Wrapping the save (not polling "latest") makes the kill land exactly between step S and S+1.
+        original_save = ck.CheckpointManager.save
 
-        threading.Thread(target=watch, daemon=True, name="medfm-fault").start()
+        def save(self, engine, at_step, client):
+            tag = original_save(self, engine, at_step, client)
+            if at_step >= step:
+                _kill_self(f"checkpoint step{at_step} complete")
+            return tag
+
+        ck.CheckpointManager.save = save
     else:  # kill-in-save
-        import medfm.pretrain.checkpoint as ck
-
         original = ck._write_json_atomic
         target = f"step{step}"
 
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     fault = os.environ.get("MEDFM_FAULT")
     if fault:
-        install_faults(fault, ckpt_root)
+        install_faults(fault)
     init_process_group()
     return medfm_main(["pretrain", config, *overrides, *extra])
 

@@ -97,7 +97,10 @@ class Engine:
             opt, lambda s: lr_factor(s, o.warmup_steps, steps, o.min_lr_ratio))
         if self.strategy == "zero3":
             import deepspeed
+            import deepspeed.ops
 
+            if self.device.type == "cpu":  # gloo does the collectives; skip the shm-comm op's 35 s JIT build
+                deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
             self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=self.module, optimizer=opt, lr_scheduler=sched, config=self.ds_config,
                 dist_init_required=False)

@@ -195,3 +195,15 @@ def test_index_rows_carry_labels_text_and_patient_for_nifti_and_wfdb(tmp_path):
     assert got["an MRI"].volume is not None and got["an MRI"].meta["labels"] == {"grade": 2}
     assert got["an ECG"].signal is not None and got["an ECG"].meta["labels"] == {"grade": 0}
     assert got["an MRI"].meta["patient_id"] != got["an ECG"].meta["patient_id"]
+
+
+def test_real_dataset_settings_match_configs_ingest_demo_yaml():
+    from pathlib import Path
+
+    from medfm.launch.demo_corpus import ingest_config
+    from medfm.schema import load_yaml, to_dict
+
+    yaml_cfg = load_yaml(Path(__file__).resolve().parents[1] / "configs" / "ingest" / "demo.yaml", IngestConfig)
+    ours = ingest_config("real", SALT, 1)
+    assert to_dict(ours.preprocess) == to_dict(yaml_cfg.preprocess)
+    assert (ours.max_samples, to_dict(ours.ehr)) == (yaml_cfg.max_samples, to_dict(yaml_cfg.ehr))

@@ -166,7 +166,7 @@ def train_decoder(train: DenseSplit, val: DenseSplit | None, n_classes: int, opt
     import torch
 
     dims = train.masks.ndim - 1
-    n_fg = [int(((train.masks == c).sum())) for c in range(n_classes)]
+    n_fg = [int((train.masks == c).sum()) for c in range(n_classes)]
     missing = [c for c in range(n_classes) if n_fg[c] == 0]
     if missing:
         raise ProtocolError(f"class id {missing[0]} never occurs in the training masks (voxel counts {n_fg})")

@@ -32,12 +32,20 @@ from medfm.schema import from_dict  # noqa: E402
 STEPS, WARMUP = 12, 3
 
 
-def _config(tmp: Path, strategy: str, arch_overrides: dict | None = None, batch: int = 8) -> RunConfig:
-    from test_pretrain_helpers import make_shards, run_config
+def _ensure_shards(tmp: Path) -> Path:
+    """Written once by the parent process (torchrun ranks only read them)."""
+    from test_pretrain_helpers import make_shards
 
     shards = tmp / "shards"
     if not (shards / "manifest.json").is_file():
         make_shards(shards, n=32, modalities=("image", "text"))
+    return shards
+
+
+def _config(tmp: Path, strategy: str, arch_overrides: dict | None = None, batch: int = 8) -> RunConfig:
+    from test_pretrain_helpers import run_config
+
+    shards = tmp / "shards"
     cfg = run_config(tmp / f"run_{strategy}", str(shards), [{"name": "mae:image"}, {"name": "contrastive:image-text"}],
                      ("image", "text"), batch=batch, steps=STEPS + WARMUP, train={"strategy": strategy})
     img = cfg["model"]["towers"]["image"]["overrides"]
@@ -70,6 +78,7 @@ def medfm_vs_handwritten(tmp: Path) -> dict:
     from medfm.pretrain.train import _micro_step
 
     init_distributed()
+    _ensure_shards(tmp)
     cfg = _config(tmp, "ddp")
     engine = Engine(cfg, 0, 1)
     batch = _batch(cfg, engine)
@@ -167,6 +176,7 @@ def _worker(out: str) -> None:
 
 
 def zero3_vs_ddp(tmp: Path) -> dict:
+    _ensure_shards(tmp)
     out = tmp / "dist.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -102,6 +102,7 @@ class EvalSuite:
     specificity: float = 0.9  # operating point of sensitivity@spec
     batch_size: int = 32
     cache_dir: str = ""  # feature cache ("" = <out>/features)
+    data_root: str = ""  # relative data.dir / masks resolve against this (itself relative to the suite file)
     base_dir: str = ""  # set by load_suite: relative paths in tasks resolve against the suite file
 
     def validate(self):
@@ -125,6 +126,13 @@ def _resolve(suite: EvalSuite, p: str) -> str:
     return p if not p or Path(p).is_absolute() or not suite.base_dir else str(Path(suite.base_dir) / p)
 
 
+def _data_dir(suite: EvalSuite, p: str) -> str:
+    """A task's shard directory: relative to ``data_root`` when the suite sets one, else to the suite file."""
+    if p and not Path(p).is_absolute() and suite.data_root:
+        return str(Path(_resolve(suite, suite.data_root)) / p)
+    return _resolve(suite, p)
+
+
 @dataclass
 class TaskResult:
     task: str
@@ -135,7 +143,8 @@ class TaskResult:
     rows: list[Row] = field(default_factory=list)
     error: str = ""
     info: dict = field(default_factory=dict)
-    predictions: object = None
+    predictions: object = None  # scoring.Predictions (curves in the report)
+    outputs: dict = field(default_factory=dict)  # dense protocols' raw outputs: label maps / generated texts
     seconds: float = 0.0
 
 
@@ -193,7 +202,7 @@ def run_task(task: TaskConfig, suite: EvalSuite, feats: _Features, main: bool = 
     """Extract (on every process), then fit and score (on the main process only)."""
     from medfm.evals.protocols import fewshot, knn, linear, prognosis, retrieval, zeroshot
 
-    directory = _resolve(suite, task.data.dir)
+    directory = _data_dir(suite, task.data.dir)
     if task.protocol == "segmentation":
         return _run_segmentation(task, suite, feats, directory, main)
     if task.protocol == "generation":
@@ -274,7 +283,7 @@ def _run_segmentation(task: TaskConfig, suite: EvalSuite, feats: _Features, dire
     if len(layers) != n_stages:
         raise ProtocolError(f"task {task.name}: options.layers needs {n_stages} blocks (one per x2 stage of patch "
                             f"size {list(patch)}), got {layers}")
-    masks_dir = _resolve(suite, task.masks)
+    masks_dir = _data_dir(suite, task.masks)
 
     def dense(split):
         index = feats.index(directory, split)
@@ -289,7 +298,9 @@ def _run_segmentation(task: TaskConfig, suite: EvalSuite, feats: _Features, dire
     res = seg.segmentation_probe(task.name, list(task.classes), train, val, test, patch, tower.in_chans, opts,
                                  suite.n_boot, suite.seed)
     res.info["layers"] = layers
-    return TaskResult(task.name, task.protocol, task.kind, task.modality, "ok", res.rows, info=res.info)
+    return TaskResult(task.name, task.protocol, task.kind, task.modality, "ok", res.rows, info=res.info,
+                      outputs={"pred": res.predictions, "true": test.masks, "spacing": test.spacing,
+                               "keys": test.keys})
 
 
 def _run_generation(task: TaskConfig, suite: EvalSuite, feats: _Features, directory: str, main: bool):
@@ -312,7 +323,8 @@ def _run_generation(task: TaskConfig, suite: EvalSuite, feats: _Features, direct
     res = generation_metrics(refs, hyps, index.patients[pos], labeller, n_boot=suite.n_boot, seed=suite.seed)
     examples = [{"key": index.keys[p], "reference": r, "generated": h} for p, r, h in list(zip(pos, refs, hyps))[:5]]
     res.info.update(tokenizer=opts.tokenizer, max_new_tokens=opts.max_new_tokens, examples=examples)
-    return TaskResult(task.name, task.protocol, task.kind, task.modality, "ok", res.rows, info=res.info)
+    return TaskResult(task.name, task.protocol, task.kind, task.modality, "ok", res.rows, info=res.info,
+                      outputs={"generated": hyps, "reference": refs, "keys": [index.keys[p] for p in pos]})
 
 
 def run_suite(suite: EvalSuite, model, model_hash: str, out_dir=None, accelerator=None,

@@ -78,7 +78,7 @@ def add_cli(subparsers) -> None:
                         "largest point)")
     f.add_argument("--n-col", default="params", help="column holding model size N")
     f.add_argument("--d-col", default="samples", help="column holding data size D")
-    f.add_argument("--loss-col", default="val_loss", help="column holding the final loss")
+    f.add_argument("--loss-col", default="eval_loss", help="column holding the final loss")
     f.add_argument("--bootstrap", type=int, default=200, help="bootstrap refits for the intervals")
     f.add_argument("--seed", type=int, default=0)
     f.set_defaults(func=_scaling_fit)

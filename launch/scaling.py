@@ -46,7 +46,7 @@ class Points:
     labels: list[str] = field(default_factory=list)
 
 
-def read_points(path, n_col: str = "params", d_col: str = "samples", loss_col: str = "val_loss",
+def read_points(path, n_col: str = "params", d_col: str = "samples", loss_col: str = "eval_loss",
                 flops_col: str = "train_flops") -> Points:
     """Read a results CSV (as written by ``medfm sweep``). Rows with a ``status`` other than ``done`` are skipped.
 

@@ -38,7 +38,7 @@ import yaml
 from medfm.schema import ConfigError, load_yaml
 
 COLUMNS = ["name", "size", "budget", "params", "samples", "steps", "flops_per_sample", "train_flops", "train_loss",
-           "val_loss", "status", "run_dir"]
+           "eval_loss", "eval_split", "status", "run_dir"]
 
 
 @dataclass
@@ -248,7 +248,7 @@ def run_sweep(path, dry_run: bool = False, only=()) -> int:
             bar.set_postfix_str(point.name)
             row.update(_run_point(sweep, base, ov, run_dir, cfg.train.steps))
             if row["status"] == "done":
-                marker.write_text(json.dumps({k: row[k] for k in ("train_loss", "val_loss")}))
+                marker.write_text(json.dumps({k: row[k] for k in ("train_loss", "eval_loss", "eval_split")}))
             else:
                 failed += 1
         rows.append(row)
@@ -286,4 +286,5 @@ def _run_point(sweep: SweepConfig, base: Path, ov: list[str], run_dir: Path, ste
               file=sys.stderr)
         return {"status": "eval_failed"}
     val = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"status": "done", "train_loss": _last_train_loss(run_dir, steps), "val_loss": val["total"]}
+    return {"status": "done", "train_loss": _last_train_loss(run_dir, steps), "eval_loss": val["total"],
+            "eval_split": val["split"]}

@@ -128,13 +128,13 @@ def main(argv=None) -> int:
     ckpt_root = Path(cfg.run_dir) / "checkpoints"
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     extra = []
-    if not cfg.checkpoint.resume:
-        latest = _latest_step(ckpt_root)
-        if latest is not None:
-            extra = ["checkpoint.resume=latest"]
-            if os.environ.get("RANK", "0") == "0":
-                print(f"medfm launch: attempt {attempt}: resuming from {ckpt_root}/step{latest}", file=sys.stderr,
-                      flush=True)
+    latest = _latest_step(ckpt_root)
+    # (pretrain writes the config it ran back to config.yaml, so after one resume the file itself says "latest")
+    if latest is not None and cfg.checkpoint.resume in ("", "latest"):
+        extra = ["checkpoint.resume=latest"]
+        if os.environ.get("RANK", "0") == "0":
+            print(f"medfm launch: attempt {attempt}: resuming from {ckpt_root}/step{latest}", file=sys.stderr,
+                  flush=True)
     if os.environ.get("DS_ACCELERATOR") == "cpu":
         # DeepSpeed's shared-memory comm op is a ~35 s C++ JIT build per process on CPU hosts; gloo does the same job.
         import deepspeed.ops

@@ -143,3 +143,50 @@ def test_model_count_on_meta_equals_real_build(config):
     assert size.how == "meta" and size.total_params == sum(p.numel() for p in real.parameters())
     biggest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in real.modules())
     assert size.largest_layer_params == biggest
+
+
+RECIPES = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", [p for p in RECIPES if not p.name.startswith("sweep")], ids=lambda p: p.name)
+def test_recipes_validate_against_the_schema(recipe):
+    from medfm.launch.resolve import resolve_config
+
+    cfg = resolve_config(recipe)
+    assert cfg.run_dir == f"runs/{cfg.name}"
+
+
+def _sweep(tmp_path, base, **extra) -> Path:
+    sweep = {"name": "sw", "base": str(base), "out": str(tmp_path / "sweep"), "nproc_per_node": 2,
+             "sizes": [{"name": "w16", "overrides": {"model.towers.image.overrides.width": 16}},
+                       {"name": "w64", "overrides": {"model.towers.image.overrides.width": 64}}],
+             "budgets": [{"name": "d32", "samples": 32}, {"name": "c", "compute": 1e9}], **extra}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def test_sweep_plan_dry_run(capsys, config, tmp_path):
+    from medfm.launch.sweep import load_sweep, plan_points
+
+    sweep, base = load_sweep(_sweep(tmp_path, config))
+    planned = {p.name: facts for p, _, _, facts in plan_points(sweep, base)}
+    assert sorted(planned) == ["w16__c", "w16__d32", "w64__c", "w64__d32"]
+    assert planned["w64__d32"]["params"] > planned["w16__d32"]["params"]
+    assert planned["w16__d32"]["steps"] == 8 and planned["w16__d32"]["samples"] == 32  # 32 / (2 x 2 ranks)
+    # A compute budget buys fewer samples for the bigger model.
+    assert planned["w64__c"]["samples"] < planned["w16__c"]["samples"]
+    assert planned["w16__c"]["train_flops"] <= 1e9 + planned["w16__c"]["flops_per_sample"] * 4
+    rc, out, _ = _run(capsys, "sweep", str(tmp_path / "sweep.yaml"), "--dry-run")
+    assert rc == 0 and out.count("pending") == 4 and not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize("extra, expect", [
+    ({"budgets": [{"name": "b", "samples": 8, "compute": 1e9}]}, "give exactly one of samples > 0 or compute > 0"),
+    ({"sizes": [{"name": "a"}, {"name": "a"}]}, "sizes: duplicate name"),
+    ({"sizes": [{"name": "a", "overrides": {"model.widht": 3}}]}, "sweep point a__d32: unknown config key 'model.widht'"),
+])
+def test_bad_sweep_is_one_line(capsys, config, tmp_path, extra, expect):
+    path = _sweep(tmp_path, config, **extra)
+    rc, _, err = _run(capsys, "sweep", str(path), "--dry-run")
+    assert rc == 2 and expect in err and err.count("\n") == 1, err

@@ -79,7 +79,7 @@ def test_compute_optimal_matches_brute_force():
         assert l_opt[0] == pytest.approx(losses.min(), rel=1e-9)
 
 
-def _write(path, rows, header=("name", "params", "samples", "val_loss", "status")):
+def _write(path, rows, header=("name", "params", "samples", "eval_loss", "status")):
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(header)
@@ -89,16 +89,16 @@ def _write(path, rows, header=("name", "params", "samples", "val_loss", "status"
 
 @pytest.mark.parametrize("rows, header, expect", [
     ([["a", 1, 2, 3, "done"]] * 7, ("name", "params", "samples", "loss", "status"),
-     "missing column 'val_loss' (did you mean 'loss'?)"),
+     "missing column 'eval_loss' (did you mean 'loss'?)"),
     ([["a", 1e6, 1e9, "nan?", "done"]] + [["a", 1e6, 1e9, 2.0, "done"]] * 6, None,
-     "line 2, column 'val_loss': expected a number, got 'nan?'"),
+     "line 2, column 'eval_loss': expected a number, got 'nan?'"),
     ([["a", -5, 1e9, 2.0, "done"]] * 7, None, "line 2, column 'params': expected a finite number > 0"),
     ([["a", 1e6, 1e9, 2.0, "done"]] * 3 + [["b", 1e6, 1e9, 2.0, "failed(1)"]] * 5, None,
      "3 finished points; the joint law has 5 parameters"),
     ([["a", 1e6, 1e9, 2.0, "done"]] * 7, None, "need at least 2 distinct values of 'params' and of 'samples'"),
 ])
 def test_bad_results_file_is_one_line(tmp_path, capsys, rows, header, expect):
-    path = _write(tmp_path / "r.csv", rows, header or ("name", "params", "samples", "val_loss", "status"))
+    path = _write(tmp_path / "r.csv", rows, header or ("name", "params", "samples", "eval_loss", "status"))
     with pytest.raises(ConfigError, match=None) as info:
         read_points(path)
     assert expect in str(info.value) and "\n" not in str(info.value)

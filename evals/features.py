@@ -145,6 +145,7 @@ class ExtractOptions:
     batch_size: int = 32
     collate: dict | None = None  # medfm.shards.collate.CollateConfig fields; None = sized from the tower config
     cache_dir: str | None = None
+    text_tokenizer: str = "auto"  # tower | bytes | auto (see text_tokenizer_kind)
 
 
 @dataclass
@@ -194,13 +195,14 @@ class _SplitDataset:
         return int(self.positions[i]), read_samples(self.index, [int(self.positions[i])], self._reader)[0]
 
 
-def cache_key(weights: str, index: SplitIndex, modality: str, collate_cfg, positions: np.ndarray) -> str:
+def cache_key(weights: str, index: SplitIndex, modality: str, collate_cfg, positions: np.ndarray,
+              tokenizer: str = "") -> str:
     from medfm.schema import to_dict
 
     blob = json.dumps({"weights": weights, "manifest": index.manifest_hash, "split": index.split,
                        "modality": modality, "collate": to_dict(collate_cfg),
                        "positions": hashlib.sha256(np.asarray(positions, np.int64).tobytes()).hexdigest(),
-                       "version": 1}, sort_keys=True)
+                       "tokenizer": tokenizer, "version": 2}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
@@ -250,7 +252,7 @@ def extract(model, model_hash: str, index: SplitIndex, modality: str, positions=
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    from medfm.shards.collate import HFTokenizer, collate
+    from medfm.shards.collate import collate
     from medfm.shards.plan import StepPlan
 
     opts = opts or ExtractOptions()
@@ -258,14 +260,13 @@ def extract(model, model_hash: str, index: SplitIndex, modality: str, positions=
         raise ProtocolError(f"model has no {modality!r} tower (has {list(model.towers)})")
     positions = np.arange(len(index)) if positions is None else np.asarray(positions, dtype=np.int64)
     ccfg = _collate_config(model, modality, opts.collate)
-    key = cache_key(model_hash, index, modality, ccfg, positions)
+    tok_kind = text_tokenizer_kind(model, opts.text_tokenizer) if modality == "text" else ""
+    key = cache_key(model_hash, index, modality, ccfg, positions, tok_kind)
     cache_path = Path(opts.cache_dir) / f"{key}.safetensors" if opts.cache_dir else None
     if cache_path is not None and (hit := _load_cached(cache_path)) is not None:
         return hit
     accelerator = accelerator or get_accelerator()
-    tokenizer = None
-    if modality == "text":
-        tokenizer = HFTokenizer(model.towers["text"].tokenizer, ccfg.text_max_tokens)
+    tokenizer = text_tokenizer(model, tok_kind, ccfg.text_max_tokens) if modality == "text" else None
     plan = StepPlan(0, (modality,), (), "eval")
 
     def collate_fn(items):
@@ -304,19 +305,41 @@ def extract(model, model_hash: str, index: SplitIndex, modality: str, positions=
     return feats
 
 
-def text_encoder(model, batch_size: int = 64):
+def text_tokenizer_kind(model, kind: str = "auto") -> str:
+    """Which tokenizer the text side was trained with (pretrain's ``train.tokenizer``): ``tower`` = the text tower's
+    Hugging Face tokenizer, ``bytes`` = medfm.shards.collate.ByteTokenizer. ``auto``: the tower's when it has one
+    configured, else bytes (the tiny CPU recipes train bytes on a tokenizer-less tower)."""
+    if kind not in ("auto", "tower", "bytes"):
+        raise ProtocolError(f"text_tokenizer must be auto, tower or bytes, got {kind!r}")
+    if kind != "auto":
+        return kind
+    cfg = getattr(model.towers["text"], "cfg", None) if "text" in model.towers else None
+    return "tower" if cfg is not None and (cfg.tokenizer or cfg.path) else "bytes"
+
+
+def text_tokenizer(model, kind: str = "auto", max_tokens: int = 128):
+    """list[str] -> (ids long [B, T], valid bool [B, T]), as the loader tokenised text in pretraining."""
+    from medfm.shards.collate import ByteTokenizer, HFTokenizer
+
+    if text_tokenizer_kind(model, kind) == "bytes":
+        return ByteTokenizer(max_tokens)
+    return HFTokenizer(model.towers["text"].tokenizer, max_tokens)
+
+
+def text_encoder(model, batch_size: int = 64, tokenizer: str = "auto"):
     """prompts -> [n, D] joint-space embeddings, for zero-shot classifiers."""
     import torch
 
     if "text" not in model.towers:
         raise ProtocolError(f"zero-shot needs a text tower (model has {list(model.towers)})")
-    tower = model.towers["text"]
+    tok = text_tokenizer(model, tokenizer, getattr(model.towers["text"].cfg, "max_length", 128))
 
     def encode(prompts):
         out = []
         with torch.no_grad():
             for s in range(0, len(prompts), batch_size):
-                out.append(model.embed("text", tower.tokenize(list(prompts[s:s + batch_size]))).float().cpu().numpy())
+                ids, valid = tok(list(prompts[s:s + batch_size]))
+                out.append(model.embed("text", {"text_ids": ids, "text_valid": valid}).float().cpu().numpy())
         return np.concatenate(out)
 
     return encode

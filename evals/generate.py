@@ -20,7 +20,7 @@ from medfm.evals.protocols.base import ProtocolError
 
 @dataclass
 class GenerationOptions:
-    tokenizer: Literal["tower", "bytes"] = "tower"  # what pretrain's train.tokenizer was
+    tokenizer: Literal["", "auto", "tower", "bytes"] = ""  # pretrain's train.tokenizer; "" = the suite's text_tokenizer
     max_new_tokens: int = 64
     findings: dict[str, list[str]] = field(default_factory=dict)  # finding -> keywords, for finding-level F1
 
@@ -33,7 +33,9 @@ class _Codec:
     """begin/end ids and ids -> text for one tokenizer family."""
 
     def __init__(self, model, kind: str):
-        self.kind = kind
+        from medfm.evals.features import text_tokenizer_kind
+
+        self.kind = kind = text_tokenizer_kind(model, kind or "auto")
         if kind == "bytes":
             self.bos, self.eos, self.tok = 1, 2, None
             return

@@ -102,6 +102,7 @@ class EvalSuite:
     specificity: float = 0.9  # operating point of sensitivity@spec
     batch_size: int = 32
     cache_dir: str = ""  # feature cache ("" = <out>/features)
+    text_tokenizer: str = "auto"  # tower | bytes | auto: what pretrain's train.tokenizer was (features.py)
     data_root: str = ""  # relative data.dir / masks resolve against this (itself relative to the suite file)
     base_dir: str = ""  # set by load_suite: relative paths in tasks resolve against the suite file
 
@@ -156,7 +157,7 @@ class _Features:
 
         self.model, self.hash, self.acc = model, model_hash, accelerator
         cache = suite.cache_dir or (str(Path(out_dir) / "features") if out_dir else None)
-        self.opts = ExtractOptions(batch_size=suite.batch_size, cache_dir=cache)
+        self.opts = ExtractOptions(batch_size=suite.batch_size, cache_dir=cache, text_tokenizer=suite.text_tokenizer)
         self.indexes, self.memo = {}, {}
 
     def index(self, directory, split):
@@ -169,7 +170,7 @@ class _Features:
 
         key = (directory, split, modality, tuple(np.asarray(positions).tolist()), repr(collate))
         if key not in self.memo:
-            opts = ExtractOptions(self.opts.batch_size, collate, self.opts.cache_dir)
+            opts = ExtractOptions(self.opts.batch_size, collate, self.opts.cache_dir, self.opts.text_tokenizer)
             self.memo[key] = extract(self.model, self.hash, self.index(directory, split), modality, positions, opts,
                                      self.acc)
         return self.memo[key]
@@ -254,7 +255,8 @@ def run_task(task: TaskConfig, suite: EvalSuite, feats: _Features, main: bool = 
 
         prompts = zeroshot.load_prompts(_resolve(suite, task.prompts))
         scale = float(feats.model.logit_scale.detach().exp().clamp(max=100).item())
-        pred, info = zeroshot.zero_shot(info_task, test, prompts, text_encoder(feats.model), logit_scale=scale)
+        encode = text_encoder(feats.model, tokenizer=suite.text_tokenizer)
+        pred, info = zeroshot.zero_shot(info_task, test, prompts, encode, logit_scale=scale)
     else:  # unreachable: the config's Literal rejects unknown protocols
         raise ProtocolError(f"task {task.name}: unknown protocol {task.protocol!r}")
     table = score(pred, n_boot=suite.n_boot, seed=suite.seed, specificity=suite.specificity,
@@ -305,10 +307,12 @@ def _run_segmentation(task: TaskConfig, suite: EvalSuite, feats: _Features, dire
 
 def _run_generation(task: TaskConfig, suite: EvalSuite, feats: _Features, directory: str, main: bool):
     """Reports from the model's caption decoder (greedy) on the test split, scored against each sample's text."""
+    from medfm.evals.features import text_tokenizer_kind
     from medfm.evals.generate import GenerationOptions, generate_reports
     from medfm.evals.protocols.generation import KeywordLabeller, generation_metrics
 
     opts = _options(GenerationOptions, task)
+    opts.tokenizer = opts.tokenizer or suite.text_tokenizer
     index = feats.index(directory, task.data.test)
     has_text = [i for i, m in enumerate(index.metas)
                 if {"text", task.modality} <= set(m.get("modalities") or [])]
@@ -322,7 +326,8 @@ def _run_generation(task: TaskConfig, suite: EvalSuite, feats: _Features, direct
     labeller = KeywordLabeller(dict(opts.findings)) if opts.findings else None
     res = generation_metrics(refs, hyps, index.patients[pos], labeller, n_boot=suite.n_boot, seed=suite.seed)
     examples = [{"key": index.keys[p], "reference": r, "generated": h} for p, r, h in list(zip(pos, refs, hyps))[:5]]
-    res.info.update(tokenizer=opts.tokenizer, max_new_tokens=opts.max_new_tokens, examples=examples)
+    res.info.update(tokenizer=text_tokenizer_kind(feats.model, opts.tokenizer), max_new_tokens=opts.max_new_tokens,
+                    examples=examples)
     return TaskResult(task.name, task.protocol, task.kind, task.modality, "ok", res.rows, info=res.info,
                       outputs={"generated": hyps, "reference": refs, "keys": [index.keys[p] for p in pos]})
 

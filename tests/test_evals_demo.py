@@ -9,7 +9,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -43,29 +42,31 @@ def _model_config(ehr_vocab: int):
         "volume": TowerSpec("vit3d_tiny", {**small, "img_size": [16, 16, 16], "patch_size": [8, 8, 8]}),
         "signal": TowerSpec("signal_tiny", {**small, "n_leads": 1, "patch_size": 50, "max_len": 1250}),
         "ehr": TowerSpec("ehr_tiny", {**small, "vocab_size": ehr_vocab}),
-        "text": TowerSpec("text_bert_tiny", {"width": 64, "depth": 2, "num_heads": 4, "intermediate_size": 128}),
-    }, embed_dim=32, mae=[], caption=CaptionSpec(enabled=True, width=64, depth=1, num_heads=4, max_len=40,
+        # a tokenizer-less text tower trained on UTF-8 bytes, as the tiny CPU pretrain recipes do
+        "text": TowerSpec("text_bert_tiny", {"width": 64, "depth": 2, "num_heads": 4, "intermediate_size": 128,
+                                             "vocab_size": 260, "max_position_embeddings": 128, "tokenizer": None}),
+    }, embed_dim=32, mae=[], caption=CaptionSpec(enabled=True, width=64, depth=1, num_heads=4, max_len=96,
                                                  context=["image"]))
 
 
-def _train_coca(model, shard_dir, steps: int = 120):
+def _train_coca(model, shard_dir, steps: int = 60):
     """A few CoCa steps (CLIP loss + teacher-forced caption loss) on the mri2d training pairs."""
     import torch.nn.functional as F
 
     from medfm.evals.data import index_split, read_samples
-    from medfm.shards.collate import CollateConfig, HFTokenizer, collate
+    from medfm.shards.collate import ByteTokenizer, CollateConfig, collate
     from medfm.shards.plan import StepPlan
 
     index = index_split(shard_dir, "train")
     samples = read_samples(index, range(len(index)))
-    tok = HFTokenizer(model.towers["text"].tokenizer, 40)
+    tok = ByteTokenizer(96)
     batch = collate(samples, StepPlan(0, ("image", "text"), (), "t"), CollateConfig(image_size=[32, 32],
                                                                                    image_channels=1), tok)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     gen = torch.Generator().manual_seed(0)
     model.train()
     for _ in range(steps):
-        idx = torch.randperm(len(samples), generator=gen)[:64]
+        idx = torch.randperm(len(samples), generator=gen)[:48]
         b = {k: batch[k][idx] for k in ("image", "text_ids", "text_valid")}
         img, txt = model.embed("image", b), model.embed("text", b)
         logits = model.logit_scale.exp() * img @ txt.T

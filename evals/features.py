@@ -3,7 +3,7 @@ split (distributed with HF accelerate), and cache them on disk.
 
 Model sources (all give identical weights, hence identical features and the same cache key):
   * a ZeRO-3 (or DDP) checkpoint: the ``checkpoints`` root (uses ``latest``) or one ``stepN`` directory; partitions
-    are merged by medfm.pretrain.checkpoint.consolidate and the model config comes from the saved client state;
+    are merged by medfm.model_zoo.checkpoint_io.consolidate and the model config comes from the saved client state;
   * a consolidated state dict: ``*.safetensors`` with the model config in its metadata (``medfm_model_config``) or
     in a ``config.json`` beside it;
   * a model_zoo release directory (``model.safetensors`` + ``config.json``) or zoo name, via medfm.model_zoo.load.
@@ -73,7 +73,7 @@ def _build_and_fill(model_cfg: dict, sd: dict, where: str):
 
 
 def _load_checkpoint(path: Path):
-    from medfm.pretrain.checkpoint import consolidate
+    from medfm.model_zoo.checkpoint_io import consolidate
 
     if (path / "COMPLETE").is_file():
         root, tag = path.parent, path.name

@@ -179,7 +179,7 @@ def release(checkpoint, name: str, version: str, zoo=None, eval_report=None, for
             log=print) -> Path:
     from medfm.model_zoo import MultiModalConfig, build_multimodal
     from medfm.model_zoo.zoo import Zoo
-    from medfm.pretrain.checkpoint import consolidate, model_state_dict
+    from medfm.model_zoo.checkpoint_io import consolidate, model_state_dict
 
     root, tag = find_checkpoint(checkpoint)
     client = read_client(root, tag)

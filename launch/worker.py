@@ -7,20 +7,14 @@ restarted attempt must resume from the newest complete checkpoint while the firs
 (``checkpoint.resume=latest`` fails when there is none). The wrapper decides per attempt, then runs ``medfm pretrain``
 in this process. Resuming restores the loader state and RNG with the weights, so no sample is lost or repeated.
 
-Fault injection for the restart tests (never set in normal runs): ``MEDFM_FAULT=MODE:STEP[:RANK[:ATTEMPT]]``, several
-separated by commas; a fault fires only in the worker of that global rank (default 0) during that restart attempt
-(TORCHELASTIC_RESTART_COUNT, default 0), so a restarted worker does not fire it again:
-
-* ``kill-after-checkpoint:S`` — SIGKILL this worker right after checkpoint S is complete ("latest" moved), before
-  step S+1 trains.
-* ``kill-in-save:S`` — SIGKILL this worker in the middle of saving checkpoint S: after its DeepSpeed partitions are
-  written, before its client state and before the checkpoint is marked complete.
+Fault injection for the restart tests (``MEDFM_FAULT=MODE:STEP[:RANK[:ATTEMPT]]``, never set in normal runs) is
+pretrain's public hook (medfm.pretrain.faults, read by its training loop); the wrapper only checks the spec up front
+so a typo fails before torchrun starts training.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -30,57 +24,6 @@ def _latest_step(ckpt_root: Path) -> int | None:
 
     tag = CheckpointManager(ckpt_root, 1, 0, 1).latest()
     return int(TAG_RE.match(tag).group(1)) if tag else None
-
-
-def _kill_self(reason: str) -> None:
-    print(f"medfm fault injection: {reason}; SIGKILL rank {os.environ.get('RANK')} (pid {os.getpid()})",
-          file=sys.stderr, flush=True)
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def install_faults(specs: str) -> None:
-    for spec in specs.split(","):
-        if spec.strip():
-            install_fault(spec.strip())
-
-
-def install_fault(spec: str) -> None:
-    """Arm one fault of ``MEDFM_FAULT`` (see the module docstring); a malformed spec is an error."""
-    parts = spec.split(":")
-    if len(parts) not in (2, 3, 4) or not all(p.isdigit() for p in parts[1:]):
-        raise SystemExit(f"MEDFM_FAULT={spec!r}: expected MODE:STEP[:RANK[:ATTEMPT]]")
-    mode, step = parts[0], int(parts[1])
-    rank = int(parts[2]) if len(parts) > 2 else 0
-    attempt = int(parts[3]) if len(parts) > 3 else 0
-    if mode not in ("kill-after-checkpoint", "kill-in-save"):
-        raise SystemExit(f"MEDFM_FAULT={spec!r}: unknown mode {mode!r} (kill-after-checkpoint | kill-in-save)")
-    if (int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) != attempt
-            or int(os.environ.get("RANK", "0")) != rank):
-        return
-    import medfm.pretrain.checkpoint as ck
-
-    if mode == "kill-after-checkpoint":
-        # Wrapping the save (not polling "latest") makes the kill land exactly between step S and S+1.
-        original_save = ck.CheckpointManager.save
-
-        def save(self, engine, at_step, client):
-            tag = original_save(self, engine, at_step, client)
-            if at_step >= step:
-                _kill_self(f"checkpoint step{at_step} complete")
-            return tag
-
-        ck.CheckpointManager.save = save
-    else:  # kill-in-save
-        original = ck._write_json_atomic
-        target = f"step{step}"
-
-        def write(path, data):
-            p = Path(path)
-            if p.parent.name == "client" and p.parent.parent.name == target:
-                _kill_self(f"saving checkpoint {target}, partitions written, not complete")
-            return original(path, data)
-
-        ck._write_json_atomic = write
 
 
 def init_process_group() -> None:
@@ -135,14 +78,13 @@ def main(argv=None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"medfm launch: attempt {attempt}: resuming from {ckpt_root}/step{latest}", file=sys.stderr,
                   flush=True)
-    if os.environ.get("DS_ACCELERATOR") == "cpu":
-        # DeepSpeed's shared-memory comm op is a ~35 s C++ JIT build per process on CPU hosts; gloo does the same job.
-        import deepspeed.ops
+    from medfm.pretrain.faults import ENV, parse_faults
 
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    fault = os.environ.get("MEDFM_FAULT")
-    if fault:
-        install_faults(fault)
+    try:
+        parse_faults(os.environ.get(ENV, ""))
+    except ValueError as exc:
+        print(f"medfm: error: {exc}", file=sys.stderr)
+        return 2
     init_process_group()
     return medfm_main(["pretrain", config, *overrides, *extra])
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from medfm.model_zoo.attention import BACKENDS
-from medfm.model_zoo.layers import Block, init_weights_mae, run_blocks
+from medfm.model_zoo.layers import Block, init_weights_mae, run_blocks, whole_params
 from medfm.model_zoo.tower import Tower, masked_mean
 
 UNK_ID = 1
@@ -78,7 +78,7 @@ class EHRTransformer(Tower):
         init_weights_mae(self)
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.has_value_embed, std=0.02)
-        with torch.no_grad():
+        with torch.no_grad(), whole_params([self.code_embed.weight]):
             self.code_embed.weight[0].zero_()
 
     def embed_events(self, codes, times=None, values=None, has_value=None) -> torch.Tensor:

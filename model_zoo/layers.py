@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -112,25 +116,62 @@ def run_blocks(
     return x
 
 
+def zero_init_active() -> bool:
+    """True while a ``deepspeed.zero.Init`` context is open (parameters get partitioned as modules are built)."""
+    zp = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
+    return bool(zp is not None and getattr(zp, "zero_init_context", 0))
+
+
+@contextmanager
+def whole_params(params: Iterable[torch.Tensor]) -> Iterator[None]:
+    """Make ``params`` whole for an in-place init, also when built under ``deepspeed.zero.Init``.
+
+    Under zero.Init a sub-module's parameters are partitioned (local shape [0], ``ds_id`` set) as soon as its own
+    ``__init__`` returns, so a tower's init pass over its sub-modules would see empty tensors. Such parameters are
+    gathered here, initialised, and rank 0's values re-partitioned to every rank (``modifier_rank=0``). Outside
+    zero.Init this is a no-op and DeepSpeed is never imported. A collective when any parameter is partitioned:
+    every rank must run the same init calls in the same order (they do: model construction is deterministic).
+    """
+    zero = [p for p in params if hasattr(p, "ds_id")]
+    if not zero:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(zero, modifier_rank=0):
+        yield
+
+
 def init_weights_mae(module: nn.Module) -> None:
-    """MAE/timm init: xavier-uniform linears (trunc-normal for embeddings), zero biases, unit LayerNorms."""
+    """MAE/timm init: xavier-uniform linears (trunc-normal for embeddings), zero biases, unit LayerNorms.
+
+    One leaf module at a time (each gathered on its own under zero.Init), so a ZeRO-3 build never materialises
+    more than one layer's weights."""
     for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            if m.weight is not None:
-                nn.init.ones_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.trunc_normal_(m.weight, std=0.02)
+        if not isinstance(m, (nn.Linear, nn.LayerNorm, nn.Embedding)):
+            continue
+        with whole_params(m.parameters(recurse=False)):
+            _init_leaf(m)
+
+
+def _init_leaf(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        if m.weight is not None:
+            nn.init.ones_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Embedding):
+        nn.init.trunc_normal_(m.weight, std=0.02)
 
 
 def init_patch_proj(conv: nn.Module) -> None:
     """MAE initialises the patch projection like a linear layer on the flattened patch."""
-    w = conv.weight.data
-    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-    if conv.bias is not None:
-        nn.init.zeros_(conv.bias)
+    with whole_params(conv.parameters(recurse=False)):
+        w = conv.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        if conv.bias is not None:
+            nn.init.zeros_(conv.bias)

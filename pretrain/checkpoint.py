@@ -27,6 +27,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+# Reading a checkpoint into one fp32 state dict lives in model_zoo (evals and release use it without training
+# code); re-exported here for compatibility.
+from medfm.model_zoo.checkpoint_io import consolidate, model_state_dict  # noqa: F401
+
 TAG_RE = re.compile(r"^step(\d+)$")
 
 
@@ -75,10 +79,11 @@ def _write_json_atomic(path: Path, data) -> None:
 
 
 class CheckpointManager:
-    def __init__(self, root, keep: int, rank: int, world_size: int):
+    def __init__(self, root, keep: int, rank: int, world_size: int, faults=None):
         self.root = Path(root)
         self.keep = keep
         self.rank, self.world_size = rank, world_size
+        self.faults = faults  # medfm.pretrain.faults.FaultInjector (restart tests) or None
 
     # -- discovery -------------------------------------------------------------------------------------------
     def complete_tags(self) -> list[str]:
@@ -120,6 +125,8 @@ class CheckpointManager:
             engine.ds.save_checkpoint(str(self.root), tag=tag, save_latest=False)
         else:
             self._save_ddp(engine, path)
+        if self.faults:
+            self.faults.in_save(step)  # partitions written, client state and COMPLETE not yet
         (path / "client").mkdir(exist_ok=True)
         _write_json_atomic(path / "client" / f"rank{self.rank}.json", client)
         _barrier()  # every rank has finished writing
@@ -184,27 +191,3 @@ class CheckpointManager:
             opt["state"][int(idx)] = {k: (tensors[f"{idx}.{k}"] if v == "tensor" else v) for k, v in st.items()}
         engine.optimizer.load_state_dict(opt)
         engine.scheduler.load_state_dict({**engine.scheduler.state_dict(), **meta["scheduler"]})
-
-
-def consolidate(checkpoint_dir, tag: str | None = None) -> dict[str, torch.Tensor]:
-    """fp32 state dict of a checkpoint (``tag`` or latest), with the ``model.`` prefix of PretrainModule removed
-    for the MultiModalModel's own keys — what model_zoo's release format takes. ZeRO-3 partitions are merged with
-    DeepSpeed's zero_to_fp32; a DDP checkpoint is read directly."""
-    root = Path(checkpoint_dir)
-    if tag is None:
-        tag = CheckpointManager(root, 1, 0, 1).resolve("latest")
-    path = root / tag
-    if (path / "model.safetensors").is_file():
-        from safetensors.torch import load_file
-
-        sd = {k: v.float() for k, v in load_file(str(path / "model.safetensors")).items()}
-    else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-    return dict(sd)
-
-
-def model_state_dict(full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The MultiModalModel part of a PretrainModule state dict (keys without ``model.``)."""
-    return {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}

@@ -68,9 +68,10 @@ class ZeroConfig:
     stage3_param_persistence_threshold: int = 100_000  # params smaller than this stay unpartitioned (0 = all)
     stage3_prefetch_bucket_size: int = 50_000_000
     reduce_bucket_size: int = 50_000_000
-    # Build under deepspeed.zero.Init (never fully materialised on one rank). Off by default until model_zoo towers
-    # initialise weights per leaf module (their whole-tower init pass sees partitioned, empty tensors).
-    zero_init: bool = False
+    # Build under deepspeed.zero.Init: each module is partitioned as soon as it is built, so the model is never whole
+    # on one rank (model_zoo initialises one gathered leaf at a time; same values as an ordinary build). Off only for
+    # a text tower loading pretrained HF weights, which HF cannot load into partitioned tensors.
+    zero_init: bool = True
     overlap_comm: bool = False
 
 
@@ -154,6 +155,16 @@ class EvalHookConfig:
 
 
 @dataclass
+class ReleaseConfig:
+    """Facts a model card states about use, copied verbatim into `medfm release`'s card (never invented there)."""
+
+    licence: str = ""
+    intended_use: str = ""
+    out_of_scope: str = ""
+    citation: str = ""
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     run_dir: str = "runs/run"
@@ -166,6 +177,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalHookConfig = field(default_factory=EvalHookConfig)
+    release: ReleaseConfig = field(default_factory=ReleaseConfig)
 
     def validate(self):
         if not self.name or "/" in self.name:

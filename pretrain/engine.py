@@ -25,6 +25,13 @@ def setup_environment() -> None:
     """CPU-only hosts: DeepSpeed's CPU accelerator, without the shm-comm op (a 35 s JIT build) — before import."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        try:
+            import deepspeed.ops
+        except ImportError:  # DDP-only installs
+            return
+        # DeepSpeed would JIT-build its shm-comm op the first time it sets up comms (zero.Init or initialize);
+        # gloo does the same job on CPU.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def _free_port() -> int:

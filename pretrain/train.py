@@ -23,6 +23,8 @@ import yaml
 from medfm.pretrain.checkpoint import CheckpointManager, git_commit, rng_state, set_rng_state
 from medfm.pretrain.config import RunConfig
 from medfm.pretrain.engine import Engine, init_distributed, setup_environment
+from medfm.pretrain.faults import FaultInjector
+from medfm.pretrain.step_flops import analytic_covers, analytic_micro_step_flops
 from medfm.pretrain.tracking import Tracker, flatten
 from medfm.schema import ConfigError, to_dict
 
@@ -35,6 +37,7 @@ class RunResult:
     skipped: int = 0
     message: str = ""
     run_id: str | None = None
+    train_flops: float = 0.0  # cumulative model FLOPs (fwd + bwd, all ranks), carried across resumes
 
 
 def measure_peak_flops(dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
@@ -146,6 +149,10 @@ def run(cfg: RunConfig) -> RunResult:
     """Train ``cfg`` as one rank of the current torchrun world (or alone)."""
     setup_environment()
     rank, world = init_distributed()
+    try:
+        faults = FaultInjector.from_env(rank)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     t = cfg.train
     t.check_world(world)
     run_dir = Path(cfg.run_dir)
@@ -155,10 +162,10 @@ def run(cfg: RunConfig) -> RunResult:
     engine = Engine(cfg, rank, world)
     loader = build_data(cfg, engine, rank, world)
     batches = _Batches(loader)
-    ckpt = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint.keep, rank, world)
+    ckpt = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint.keep, rank, world, faults=faults)
     hook = _call_hook(cfg.eval.hook) if cfg.eval.every else None
 
-    start, samples_seen = 0, 0
+    start, samples_seen, train_flops = 0, 0, 0.0
     if cfg.checkpoint.resume:
         try:
             tag = ckpt.resolve(cfg.checkpoint.resume)
@@ -166,6 +173,7 @@ def run(cfg: RunConfig) -> RunResult:
             raise ConfigError(str(exc)) from None
         client = ckpt.load(engine, tag)
         start, samples_seen = client["step"], client["samples_seen"]
+        train_flops = float(client.get("train_flops", 0.0))  # checkpoints before train_flops existed: from 0
         loader.load_state_dict(client["loader"])
         set_rng_state(client["rng"])
     manifests = {s.name: s.fingerprint for s in loader.sources}
@@ -175,13 +183,19 @@ def run(cfg: RunConfig) -> RunResult:
                        **{f"manifest.{k}": v for k, v in manifests.items()}},
                       t.steps, start, progress=t.progress)
     peak = t.peak_tflops * 1e12 if t.peak_tflops else measure_peak_flops(engine.dtype)
-    flops_by_group: dict[str, float] = {}
+    flops_by_group: dict[str, float] = {}  # counter source: fwd+bwd FLOPs of one optimizer step per plan group
+    analytic = analytic_covers(engine.module)
     result = RunResult("finished", start)
     consecutive_bad, bad_names = 0, []
 
     def client_state(step: int) -> dict:
-        return {"step": step, "samples_seen": samples_seen, "loader": loader.state_dict(), "rng": rng_state(),
-                "config": to_dict(cfg), "manifests": manifests, "git_commit": commit, "world_size": world}
+        return {"step": step, "samples_seen": samples_seen, "train_flops": train_flops,
+                "loader": loader.state_dict(), "rng": rng_state(), "config": to_dict(cfg), "manifests": manifests,
+                "git_commit": commit, "world_size": world}
+
+    def save(step: int) -> None:
+        ckpt.save(engine, step, client_state(step))
+        faults.after_checkpoint(step)
 
     step = start
     try:
@@ -193,16 +207,20 @@ def run(cfg: RunConfig) -> RunResult:
                 batch = next(batches)
                 plan = batch.get("plan")
                 group = getattr(plan, "group", "all")
-                if group not in flops_by_group:  # count model FLOPs once per plan group (fwd + bwd)
+                if analytic:
+                    names, vals, tok, bad = _micro_step(engine, batch, plan, skip)
+                    flops += analytic_micro_step_flops(engine.module, cfg.model, batch, names)
+                elif group not in flops_by_group:  # count model FLOPs once per plan group (fwd + bwd)
                     (names, vals, tok, bad), f = _flops_of(
                         lambda b=batch, p=plan, s=skip: _micro_step(engine, b, p, s))
                     flops_by_group[group] = f * t.grad_accum
                 else:
                     names, vals, tok, bad = _micro_step(engine, batch, plan, skip)
+                if not analytic:
+                    flops += flops_by_group[group] / t.grad_accum
                 if bad:
                     skip = True
                     names_bad.extend(bad)
-                flops += flops_by_group[group] / t.grad_accum
                 for n, v in zip(names, vals.tolist()):
                     loss_sums[n] = loss_sums.get(n, 0.0) + v / t.grad_accum
                 tokens += sum(tok.values())
@@ -214,8 +232,13 @@ def run(cfg: RunConfig) -> RunResult:
             dt = time.perf_counter() - t0
             # Global (rank-mean) losses: each rank holds its share of the global mean (losses.py contract).
             names = sorted(loss_sums)
-            vec = _all_reduce(torch.tensor([loss_sums[n] for n in names] + [float(tokens)], dtype=torch.float64))
+            vec = _all_reduce(torch.tensor([loss_sums[n] for n in names] + [float(tokens), flops],
+                                           dtype=torch.float64))
             losses = {n: float(vec[i]) / world for i, n in enumerate(names)}
+            # FLOPs this step executed on all ranks (skipped steps too: their compute was spent, and samples_seen
+            # counts their samples as well).
+            step_flops = float(vec[-1])
+            train_flops += step_flops
             total = sum(o.weight * losses[o.name] for o in cfg.objectives if o.name in losses)
             result.losses.append({"step": step, **losses})
             if skip:
@@ -231,12 +254,15 @@ def run(cfg: RunConfig) -> RunResult:
                 metrics = {f"loss/{n}": v for n, v in losses.items()}
                 metrics.update({"loss/total": total, "lr": engine.lr, "step_time_s": dt,
                                 "samples_per_s": t.micro_batch * t.grad_accum * world / dt,
-                                "tokens_per_s": float(vec[-1]) / dt, "mfu": flops / dt / peak,
+                                "tokens_per_s": float(vec[-2]) / dt, "mfu": step_flops / world / dt / peak,
+                                "flops_analytic": float(analytic), "train_flops": train_flops,
                                 "skipped_steps": result.skipped, "samples_seen": samples_seen})
                 if norms:
                     metrics.update({f"grad_norm/{k}": v for k, v in norms.items()})
-                for reason, n in loader.counters.as_dict().get("counts", {}).items():
-                    metrics[f"skipped_samples/{reason}"] = n
+                # Skipped samples by reason, summed over ranks: a collective, and every rank is here (log steps and
+                # skipped steps are the same on all ranks).
+                for reason, n in loader.all_counters().items():
+                    metrics[f"skipped_{reason}"] = n
                 tracker.log(step, metrics)
             tracker.progress(step, {"loss": total})
             if t.nan_guard and consecutive_bad >= t.nan_guard:
@@ -247,16 +273,17 @@ def run(cfg: RunConfig) -> RunResult:
                                   f"{(ckpt.root / last) if last else 'none'}")
                 break
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and not skip:
-                ckpt.save(engine, step, client_state(step))
+                save(step)
             if hook is not None and step % cfg.eval.every == 0:
                 hook(engine.module.model, step, run_dir)
         else:
             if cfg.checkpoint.final and ckpt.latest() != f"step{step}":
-                ckpt.save(engine, step, client_state(step))
+                save(step)
     except BaseException:
         tracker.finish("FAILED")
         raise
     result.step = step
+    result.train_flops = train_flops
     result.run_id = tracker.run_id
     if result.status == "nan_stop" and rank == 0:
         print(f"medfm pretrain: {result.message}", file=sys.stderr)

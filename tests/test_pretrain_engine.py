@@ -5,13 +5,15 @@ One torchrun world checks several properties to keep CI time small:
 - parameters really partitioned (persistence threshold 0): per-rank bytes about half of the full model;
 - consolidation (zero_to_fp32) equals the live, gathered weights;
 - every objective's loss falls on the learnable task;
-- a mixed-modality run where ranks hold different modalities completes (a hang fails via the timeout);
+- a mixed-modality run where ranks hold different modalities completes (a hang fails via the timeout), built under
+  deepspeed.zero.Init with initial weights identical to an ordinary build of the same seed;
 - the NaN guard skips non-finite steps and stops after K, naming the objective, keeping the last good checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -53,11 +55,13 @@ def test_zero3_resume_partition_consolidate_objectives_mixed_nan(tmp_path):
                       checkpoint={"every": 5, "keep": 10})
     resumed = run_config(tmp_path / "full", shards, objectives, mods, batch=4, steps=30,
                          checkpoint={"every": 5, "keep": 10, "resume": "step15"})
-    mixed_cfg = run_config(tmp_path / "mixed_run", mixed, objectives, mods, batch=2, steps=4)
+    # Built under deepspeed.zero.Init (never whole on one rank), the same initial values as an ordinary build.
+    mixed_cfg = run_config(tmp_path / "mixed_run", mixed, objectives, mods, batch=2, steps=4,
+                           zero={"zero_init": True})
     nan_cfg = run_config(tmp_path / "nan_run", shards, objectives[:2], ("image", "text"), batch=4, steps=8,
                          optim={"lr": 1e30, "grad_clip": 0.0}, train={"nan_guard": 2},
                          checkpoint={"every": 1, "keep": 2})
-    ranks = torchrun({"phases": [{"config": full}, {"config": resumed, "inspect": True}, {"config": mixed_cfg},
+    ranks = torchrun({"phases": [{"config": full}, {"config": resumed, "inspect": True}, {"config": mixed_cfg, "compare_init": True},
                                  {"config": nan_cfg}]}, tmp_path)
     for r, rep in enumerate(ranks):
         full_run, resume_run, mixed_run, nan_run = rep["phases"]
@@ -69,6 +73,9 @@ def test_zero3_resume_partition_consolidate_objectives_mixed_nan(tmp_path):
         ratio = resume_run["local_bytes"] / resume_run["full_bytes"]
         assert 0.45 <= ratio <= 0.55, f"rank {r}: per-rank/full parameter bytes {ratio:.3f}"
         assert mixed_run["status"] == "finished" and mixed_run["step"] == 4
+        assert all(math.isfinite(v) for x in mixed_run["losses"] for k, v in x.items() if k != "step")
+        assert mixed_run["init_keys_differ"] == [] and mixed_run["init_max_diff"] == 0.0, mixed_run["init_max_diff"]
+        assert 0.45 <= mixed_run["zero_init_local_ratio"] <= 0.55
         # NaN guard: step 1 is finite (and checkpointed); then non-finite steps, stop after 2 in a row.
         assert nan_run["status"] == "nan_stop", nan_run
         assert nan_run["skipped"] == 2 and nan_run["step"] == 3

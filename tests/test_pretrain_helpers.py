@@ -125,6 +125,8 @@ def _worker(spec_path: str) -> None:
                 "message": res.message}
         if phase.get("inspect"):
             info.update(_inspect(cfg))
+        if phase.get("compare_init"):
+            info.update(_compare_init(cfg))
         report["phases"].append(info)
     rank = dist.get_rank()
     Path(spec["out"]).with_suffix(f".rank{rank}.json").write_text(json.dumps(report))
@@ -153,6 +155,26 @@ def _inspect(cfg) -> dict:
         out.update({"consolidated_missing": missing, "consolidated_max_diff": diff,
                     "n_params": len(live), "finite": all(bool(torch.isfinite(v).all()) for v in live.values())})
     return out
+
+
+def _compare_init(cfg) -> dict:
+    """Initial weights built under deepspeed.zero.Init vs an ordinary build (then partitioned), same seed."""
+    import copy
+
+    import torch.distributed as dist
+
+    from medfm.pretrain.engine import Engine
+
+    built = {}
+    for zero_init in (True, False):
+        c = copy.deepcopy(cfg)
+        c.zero.zero_init = zero_init
+        engine = Engine(c, dist.get_rank(), dist.get_world_size())
+        built[zero_init] = (engine.gathered_state_dict(), engine.local_param_bytes() / engine.full_param_bytes())
+    (a, ratio), (b, _) = built[True], built[False]
+    return {"init_keys_differ": sorted(set(a) ^ set(b)), "zero_init_local_ratio": ratio,
+            "init_max_diff": max(float((a[k] - b[k]).abs().max()) for k in a if k in b),
+            "init_std": {k: [float(a[k].std()), float(b[k].std())] for k in a if k in b and a[k].numel() > 1}}
 
 
 if __name__ == "__main__":

@@ -84,6 +84,7 @@ def test_skipped_samples_are_logged_per_reason(tmp_path):
 
 
 def test_train_flops_analytic_counted_and_kept_across_resume(tmp_path, shards):
+    from medfm.model_zoo import create
     from medfm.model_zoo.flops import mae_forward_flops, train_flops
     from medfm.pretrain.objectives import DEFAULT_MASK_RATIO
 
@@ -91,8 +92,7 @@ def test_train_flops_analytic_counted_and_kept_across_resume(tmp_path, shards):
                      train={"strategy": "ddp"}, checkpoint={"every": 1, "keep": 3})
     full = _run(cfg)
     f = from_dict(RunConfig, cfg)
-    tower = __import__("medfm.model_zoo", fromlist=["create"]).create(
-        f.model.towers["image"].arch, **f.model.towers["image"].overrides)
+    tower = create(f.model.towers["image"].arch, **f.model.towers["image"].overrides)
     d = f.model.mae_decoder
     per_step = 4 * train_flops(mae_forward_flops(tower, DEFAULT_MASK_RATIO["image"], (1, 16, 16), d.width, d.depth,
                                                  d.mlp_ratio))

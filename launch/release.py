@@ -178,8 +178,8 @@ def _preprocessing(sources: list[dict], config: dict) -> dict:
 def release(checkpoint, name: str, version: str, zoo=None, eval_report=None, force: bool = False,
             log=print) -> Path:
     from medfm.model_zoo import MultiModalConfig, build_multimodal
-    from medfm.model_zoo.zoo import Zoo
     from medfm.model_zoo.checkpoint_io import consolidate, model_state_dict
+    from medfm.model_zoo.zoo import Zoo
 
     root, tag = find_checkpoint(checkpoint)
     client = read_client(root, tag)

@@ -92,7 +92,12 @@ def trained(corpus):
     vocab = load_manifest(corpus["datasets"]["ehr"])["vocabularies"]["ehr"]
     torch.manual_seed(0)
     model = build_multimodal(_model_config(len(vocab)))
-    return _train_coca(model, corpus["datasets"]["mri2d"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on 2 shared, busy cores OpenMP spin-waits make 2 threads several times slower
+    try:
+        return _train_coca(model, corpus["datasets"]["mri2d"])
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_prompt_files_are_the_corpus_summary_prompts(corpus):
@@ -105,6 +110,18 @@ def test_prompt_files_are_the_corpus_summary_prompts(corpus):
         prompts = yaml.safe_load((DEMO.parent / task["prompts"]).read_text())
         assert task["classes"] == corpus_task["classes"]
         assert {c: v[0] for c, v in prompts["classes"].items()} == corpus_task["prompts"]
+
+
+def test_example_and_demo_suites_point_at_corpus_datasets(corpus):
+    from medfm.evals.suite import _data_dir, load_suite
+
+    shards = Path(corpus["datasets"]["mri2d"]).parent
+    for path in (DEMO, DEMO.parent / "example.yaml"):
+        suite = load_suite(path, [f"data_root={shards}"])
+        for task in suite.tasks:
+            assert (Path(_data_dir(suite, task.data.dir)) / "manifest.json").is_file(), (path.name, task.name)
+            if task.prompts:
+                assert (Path(suite.base_dir) / task.prompts).is_file(), (path.name, task.name)
 
 
 def test_demo_suite_on_the_demo_corpus(corpus, trained, tmp_path):

@@ -1,0 +1,91 @@
+"""`medfm release` / `medfm zoo` / `medfm.model_zoo.load("NAME:V")`: a real (world-of-one, DDP) training checkpoint is
+consolidated, published with a model card of recorded facts, listed, loaded back bit-exact, protected against
+re-release without --force, and refused once its checksums no longer match."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_pretrain_helpers import make_shards, run_config  # noqa: E402
+
+from medfm.launch.cli import main  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from medfm.pretrain.config import RunConfig
+    from medfm.pretrain.train import run
+    from medfm.schema import from_dict
+
+    root = tmp_path_factory.mktemp("release")
+    shards = make_shards(root / "shards", n=16, modalities=("image", "text"))
+    cfg = run_config(root / "run", shards, [{"name": "mae:image"}, {"name": "contrastive:image-text"}],
+                     ("image", "text"), steps=3, train={"strategy": "ddp"}, checkpoint={"every": 0, "final": True},
+                     release={"licence": "CC-BY-4.0", "intended_use": "unit tests only"})
+    res = run(from_dict(RunConfig, cfg))
+    assert res.status == "finished"
+    report = root / "report.json"
+    report.write_text(json.dumps({"source": "test", "results": [
+        {"task": "toy", "protocol": "logistic", "metric": "auroc", "value": 0.75, "ci": [0.6, 0.9], "n": 40}]}))
+    return root, shards, report
+
+
+def test_release_card_zoo_and_load_round_trip(trained, capsys):
+    from medfm.model_zoo import load
+    from medfm.model_zoo.checkpoint_io import consolidate, model_state_dict
+
+    root, shards, report = trained
+    zoo = root / "zoo"
+    assert main(["release", str(root / "run"), "--name", "toy", "--version", "1.0", "--zoo", str(zoo),
+                 "--eval", str(report)]) == 0
+    card = (zoo / "toy" / "1.0" / "README.md").read_text()
+    model = load("toy:1.0", zoo=zoo)
+    model = model[0] if isinstance(model, tuple) else model
+    n_params = sum(p.numel() for p in model.parameters())
+    manifest = json.loads((Path(shards) / "manifest.json").read_text())
+    for fact in (f"{n_params:,}", "CC-BY-4.0", "unit tests only", "| toy | logistic | auroc | 0.7500 | [0.600, 0.900]",
+                 f"samples {manifest['totals']['samples']}", "Optimizer steps: 3", "strategy: ddp"):
+        assert fact in card, fact
+    # the released weights are the checkpoint's, bit for bit
+    ckpt = model_state_dict(consolidate(root / "run" / "checkpoints"))
+    live = model.state_dict()
+    for k, v in ckpt.items():
+        assert torch.equal(live[k], v), k
+    assert main(["zoo", "list", "--zoo", str(zoo)]) == 0
+    assert "toy" in capsys.readouterr().out
+
+
+def test_rerelease_needs_force_and_tampering_is_refused(trained, capsys):
+    from medfm.model_zoo import load
+
+    root, _, _ = trained
+    zoo = root / "zoo2"
+    args = ["release", str(root / "run"), "--name", "toy", "--version", "2.0", "--zoo", str(zoo)]
+    assert main(args) == 0
+    assert "no evaluation report" in (zoo / "toy" / "2.0" / "README.md").read_text().lower()
+    assert main(args) == 2
+    assert "already in the zoo" in capsys.readouterr().err
+    assert main([*args, "--force"]) == 0
+    weights = zoo / "toy" / "2.0" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(Exception, match="checksum|sha256|mismatch"):
+        load("toy:2.0", zoo=zoo)
+
+
+def test_release_bad_inputs_are_one_line_errors(trained, tmp_path, capsys):
+    root, _, _ = trained
+    assert main(["release", str(tmp_path / "nope"), "--name", "x", "--version", "1", "--zoo", str(tmp_path)]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert main(["release", str(root / "run"), "--name", "x", "--version", "1", "--zoo", str(tmp_path),
+                 "--eval", str(bad)]) == 2
+    assert "not valid JSON" in capsys.readouterr().err

@@ -3,10 +3,12 @@
 1. One process, same model and batch: the medfm step (Engine + the loop's per-micro-step work: NaN all-reduce,
    loss dict, weighted total, clip, AdamW, schedule) / a minimal hand-written torch loop.   target <= 1.05
 2. Two processes (torchrun, gloo): ZeRO-3 step / DDP step (target <= 1.3) and per-rank parameter bytes / full
-   (target <= 0.55, persistence threshold 0).
+   (target <= 0.55, persistence threshold 0), for each ZeRO knob preset in ``ZERO_PRESETS`` and two model sizes:
+   ``small`` (ViT 192x4 on 16px images, ~2M params: gathers dominate) and ``vits`` (ViT-S/16 on 112px images,
+   ~22M params + decoder: compute matters).
 3. CPU MFU of a small ViT MAE step (FLOPs counted by torch.utils.flop_counter, peak = measured dense matmul).
 
-    python benchmarks/train_step.py [overhead] [zero3] [mfu]   # default all; 2 runs through torchrun; JSON out
+    python benchmarks/train_step.py [overhead] [zero3] [zero3-vits] [mfu]   # default all but zero3-vits; JSON
 """
 
 from __future__ import annotations
@@ -42,15 +44,36 @@ def _ensure_shards(tmp: Path) -> Path:
     return shards
 
 
-def _config(tmp: Path, strategy: str, arch_overrides: dict | None = None, batch: int = 8) -> RunConfig:
+SIZES = {
+    "small": {"image": {"width": 192, "depth": 4, "num_heads": 3}, "px": 16, "decoder": [128, 2, 4]},
+    "vits": {"image": {"width": 384, "depth": 12, "num_heads": 6, "patch_size": 16}, "px": 112,
+             "decoder": [256, 2, 8]},
+}
+# ZeRO knobs tried against DDP. "threshold0" is what the tests run (every parameter partitioned).
+ZERO_PRESETS = {
+    "threshold0": {"stage3_param_persistence_threshold": 0},
+    "default": {},  # DeepSpeed's defaults: persistence threshold 1e5, prefetch 5e7, no overlap
+    "overlap": {"overlap_comm": True},
+    "big_buckets": {"stage3_prefetch_bucket_size": 500_000_000, "reduce_bucket_size": 500_000_000,
+                    "stage3_max_live_parameters": 2_000_000_000, "stage3_max_reuse_distance": 2_000_000_000},
+    "no_contiguous": {"contiguous_gradients": False},
+    "persist_1e6": {"stage3_param_persistence_threshold": 1_000_000},
+}
+
+
+def _config(tmp: Path, strategy: str, size: str = "small", batch: int = 8, zero: dict | None = None) -> RunConfig:
     from test_pretrain_helpers import run_config
 
     shards = tmp / "shards"
+    spec = SIZES[size]
     cfg = run_config(tmp / f"run_{strategy}", str(shards), [{"name": "mae:image"}, {"name": "contrastive:image-text"}],
                      ("image", "text"), batch=batch, steps=STEPS + WARMUP, train={"strategy": strategy})
     img = cfg["model"]["towers"]["image"]["overrides"]
-    img.update({"width": 192, "depth": 4, "num_heads": 3, **(arch_overrides or {})})
-    cfg["model"]["mae_decoder"] = {"width": 128, "depth": 2, "num_heads": 4}
+    img.update({**spec["image"], "img_size": spec["px"]})
+    cfg["data"]["collate"]["image_size"] = [spec["px"], spec["px"]]
+    w, d, h = spec["decoder"]
+    cfg["model"]["mae_decoder"] = {"width": w, "depth": d, "num_heads": h}
+    cfg["zero"] = {"zero_init": True, **(zero or {})}
     return from_dict(RunConfig, cfg)
 
 
@@ -146,22 +169,21 @@ def mae_mfu(tmp: Path) -> dict:
             "mfu": flops / t / peak, "threads": torch.get_num_threads()}
 
 
-def _worker(out: str) -> None:
-    """torchrun: ZeRO-3 and DDP step times and parameter bytes on this rank."""
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+def _worker(out: str, size: str, presets: list[str]) -> None:
+    """torchrun: DDP and each ZeRO-3 preset's step time and parameter bytes on this rank."""
     import torch.distributed as dist
 
-    from medfm.pretrain.engine import Engine, init_distributed
+    from medfm.pretrain.engine import Engine, init_distributed, setup_environment
     from medfm.pretrain.train import _micro_step
 
+    setup_environment()
     rank, world = init_distributed()
     tmp = Path(out).parent
+    steps, warmup = (STEPS, WARMUP) if size == "small" else (6, 2)
     res = {}
-    for strategy in ("ddp", "zero3"):
-        cfg = _config(tmp, strategy)
-        cfg.zero.stage3_param_persistence_threshold = 0
+    for name in ["ddp", *presets]:
+        strategy = "ddp" if name == "ddp" else "zero3"
+        cfg = _config(tmp, strategy, size, zero=ZERO_PRESETS.get(name))
         engine = Engine(cfg, rank, world)
         batch = _batch(cfg, engine)
 
@@ -170,27 +192,35 @@ def _worker(out: str) -> None:
             engine.step(False)
 
         dist.barrier()
-        res[strategy] = {"step_s": _time(step), "local_param_bytes": engine.local_param_bytes(),
-                         "full_param_bytes": engine.full_param_bytes()}
+        res[name] = {"step_s": _time(step, steps, warmup), "local_param_bytes": engine.local_param_bytes(),
+                     "full_param_bytes": engine.full_param_bytes()}
+        if rank == 0:
+            print(f"{size} {name}: {res[name]['step_s']:.3f} s/step", file=sys.stderr, flush=True)
+        del engine
     Path(out).with_suffix(f".rank{rank}.json").write_text(json.dumps(res))
 
 
-def zero3_vs_ddp(tmp: Path) -> dict:
+def zero3_vs_ddp(tmp: Path, size: str = "small", presets: list[str] | None = None) -> dict:
     _ensure_shards(tmp)
-    out = tmp / "dist.json"
+    presets = presets or list(ZERO_PRESETS)
+    out = tmp / f"dist_{size}.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    str(HERE), "--worker", str(out)], check=True, env=env, timeout=1800)
+                    str(HERE), "--worker", str(out), size, ",".join(presets)], check=True, env=env, timeout=3600)
     ranks = [json.loads(out.with_suffix(f".rank{r}.json").read_text()) for r in range(2)]
-    z = max(r["zero3"]["step_s"] for r in ranks)
     d = max(r["ddp"]["step_s"] for r in ranks)
-    frac = max(r["zero3"]["local_param_bytes"] / r["zero3"]["full_param_bytes"] for r in ranks)
-    return {"zero3_step_s": z, "ddp_step_s": d, "ratio": z / d, "per_rank_param_bytes_fraction": frac}
+    full = ranks[0]["ddp"]["full_param_bytes"]
+    summary = {"size": size, "params": full // 4, "ddp_step_s": d}
+    for name in presets:
+        z = max(r[name]["step_s"] for r in ranks)
+        frac = max(r[name]["local_param_bytes"] / r[name]["full_param_bytes"] for r in ranks)
+        summary[name] = {"zero3_step_s": z, "ratio": z / d, "per_rank_param_bytes_fraction": frac}
+    return summary
 
 
 def main() -> None:
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        _worker(sys.argv[2])
+    if len(sys.argv) == 5 and sys.argv[1] == "--worker":
+        _worker(sys.argv[2], sys.argv[3], sys.argv[4].split(","))
         return
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -200,6 +230,8 @@ def main() -> None:
             summary["medfm_vs_handwritten"] = medfm_vs_handwritten(tmp)
         if "zero3" in parts:
             summary["zero3_vs_ddp_2proc"] = zero3_vs_ddp(tmp)
+        if "zero3-vits" in parts:
+            summary["zero3_vs_ddp_2proc_vits"] = zero3_vs_ddp(tmp, "vits")
         if "mfu" in parts:
             summary["mae_mfu_cpu"] = mae_mfu(tmp)
     summary["host"] = {"cpus": os.cpu_count(), "load_avg": os.getloadavg(), "torch": torch.__version__}

@@ -51,10 +51,27 @@ class TextConfig:
     max_length: int = 128  # tokenizer truncation length
     pool: Literal["mean", "cls"] = "mean"
     grad_checkpointing: bool = False
+    # None = the HF config's own (BERT: 0.1). CLIP-style text towers (open_clip) train without dropout; 0 also keeps
+    # attention on SDPA's fused CPU/GPU kernels, which have no dropout (torch falls back to the math path).
+    hidden_dropout: float | None = None
+    attention_dropout: float | None = None
 
     def validate(self):
         if self.path is None and self.width % self.num_heads:
             raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+        for name in ("hidden_dropout", "attention_dropout"):
+            p = getattr(self, name)
+            if p is not None and not 0.0 <= p < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {p}")
+
+    def dropout_overrides(self) -> dict:
+        """HF config kwargs for the dropouts set here (BERT-family names)."""
+        out = {}
+        if self.hidden_dropout is not None:
+            out["hidden_dropout_prob"] = self.hidden_dropout
+        if self.attention_dropout is not None:
+            out["attention_probs_dropout_prob"] = self.attention_dropout
+        return out
 
 
 def _random_init(auto_model, hf_cfg):
@@ -101,7 +118,7 @@ class TextTower(Tower):
         self.cfg = cfg
         if cfg.path is not None:
             local = resolve_local_dir(cfg.path)
-            hf_cfg = AutoConfig.from_pretrained(local)
+            hf_cfg = AutoConfig.from_pretrained(local, **cfg.dropout_overrides())
             if cfg.load_weights:
                 if zero_init_active():  # HF would load whole tensors into already-partitioned (empty) ones
                     raise ValueError(f"text tower {cfg.path}: pretrained weights cannot be loaded under "
@@ -118,6 +135,7 @@ class TextTower(Tower):
                 num_attention_heads=cfg.num_heads,
                 intermediate_size=cfg.intermediate_size,
                 max_position_embeddings=cfg.max_position_embeddings,
+                **cfg.dropout_overrides(),
             )
             self.model = _random_init(AutoModel, hf_cfg)
         self.hf_config = self.model.config

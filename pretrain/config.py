@@ -66,13 +66,16 @@ class ZeroConfig:
     offload_optimizer: bool = False  # optimizer state + fp32 master weights on CPU
     offload_params: bool = False
     stage3_param_persistence_threshold: int = 100_000  # params smaller than this stay unpartitioned (0 = all)
-    stage3_prefetch_bucket_size: int = 50_000_000
+    stage3_prefetch_bucket_size: int = 50_000_000  # elements fetched ahead of use (DeepSpeed default)
+    stage3_max_live_parameters: int = 1_000_000_000  # gathered elements kept resident before release
+    stage3_max_reuse_distance: int = 1_000_000_000  # keep a gathered param if reused within this many elements
     reduce_bucket_size: int = 50_000_000
+    contiguous_gradients: bool = True
     # Build under deepspeed.zero.Init: each module is partitioned as soon as it is built, so the model is never whole
     # on one rank (model_zoo initialises one gathered leaf at a time; same values as an ordinary build). Off only for
     # a text tower loading pretrained HF weights, which HF cannot load into partitioned tensors.
     zero_init: bool = True
-    overlap_comm: bool = False
+    overlap_comm: bool = False  # comm on a side stream; a GPU option (on CPU/gloo it measured no faster)
 
 
 @dataclass

@@ -15,9 +15,11 @@ def deepspeed_config(cfg, world_size: int) -> dict:
         "stage": 3,
         "stage3_param_persistence_threshold": z.stage3_param_persistence_threshold,
         "stage3_prefetch_bucket_size": z.stage3_prefetch_bucket_size,
+        "stage3_max_live_parameters": z.stage3_max_live_parameters,
+        "stage3_max_reuse_distance": z.stage3_max_reuse_distance,
         "reduce_bucket_size": z.reduce_bucket_size,
         "overlap_comm": z.overlap_comm,
-        "contiguous_gradients": True,
+        "contiguous_gradients": z.contiguous_gradients,
         # Consolidation goes through zero_to_fp32 (exact fp32 master weights), not a 16-bit gather at save time.
         "stage3_gather_16bit_weights_on_model_save": False,
     }

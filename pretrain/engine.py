@@ -127,7 +127,17 @@ class Engine:
         if zero_init:
             import deepspeed
 
-            ctx = deepspeed.zero.Init(config_dict_or_path=self.ds_config, dtype=self.dtype)
+            # zero.Init validates the batch arithmetic against deepspeed.comm's world size, which is 1 until
+            # deepspeed.comm wraps the torch process group that init_distributed() made.
+            deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False,
+                                       dist_init_required=False)
+            if "text" in self.cfg.model.towers:
+                # Importing transformers' modeling code under zero.Init fails (it checks torch.Tensor.__new__,
+                # which zero.Init patches): import it first.
+                import transformers.modeling_utils  # noqa: F401
+            # dtype comes from the ds config (DeepSpeed 0.19.8 ignores an explicit dtype on CPU and picks bf16).
+            # mem_efficient_linear=False: otherwise zero.Init replaces torch.nn.functional.linear process-wide.
+            ctx = deepspeed.zero.Init(config_dict_or_path=self.ds_config, mem_efficient_linear=False)
         else:
             ctx = nullcontext()
         with ctx:

@@ -27,6 +27,15 @@ tasks:
 """
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Decoder training on 2 shared, busy cores: OpenMP spin-waits make 2 threads several times slower than 1."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _monai(pred, true, k, spacing=None):
     from monai.metrics import compute_dice, compute_hausdorff_distance
 

@@ -36,10 +36,12 @@ STAGES = 5
 # Tasks the demo evaluates: (corpus task, protocols). The image task is the headline "pretrained vs random init"
 # comparison; volume and signal are reported the same way.
 EVAL_TASKS = {
-    "mri2d_tissue": ("logistic", "knn", "zeroshot", "retrieval"),
-    "mri3d_tissue": ("logistic", "zeroshot"),
-    "ecg_rhythm": ("logistic",),
+    "mri2d_tissue": ("logistic", "fewshot", "knn", "zeroshot", "retrieval"),
+    "mri3d_tissue": ("logistic", "fewshot", "zeroshot"),
+    "ecg_rhythm": ("logistic", "fewshot"),
+    "ecg_rate": ("logistic", "fewshot"),
 }
+FEWSHOT = {"shots": [1, 2, 4, 8], "repeats": 10}
 
 
 def _say(stage: int, text: str) -> None:
@@ -201,6 +203,8 @@ def eval_suite(corpus: dict, out: Path) -> Path:
                     "label": t["label"], "classes": list(t["classes"]), "protocol": proto}
             if proto == "zeroshot":
                 task["prompts"] = str(prompts)
+            if proto == "fewshot":
+                task["options"] = dict(FEWSHOT)
             tasks.append(task)
     suite = {"name": "demo", "n_boot": 500, "seed": 0, "batch_size": 64, "tasks": tasks}
     path = out / "eval_suite.yaml"
@@ -264,16 +268,22 @@ def stage_release(run_dir: Path, report: Path, zoo: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------- 5. report
+def _label(row: dict) -> str:
+    """The metric with its distinguishing parameters (few-shot k, retrieval direction)."""
+    params = {k: v for k, v in (row.get("params") or {}).items() if k != "repeats"}
+    return row["metric"] + (f" ({', '.join(f'{k}={v}' for k, v in params.items())})" if params else "")
+
+
 def _rows(report_path: Path) -> dict:
     rep = json.loads(report_path.read_text())
-    return {(r["task"], r["metric"]): r for r in rep["results"]}
+    return {(r["task"], _label(r)): r for r in rep["results"]}
 
 
 def compare(pre: Path, rnd: Path) -> list[dict]:
-    """Pretrained vs random-init per (task, metric): both values, CIs and the difference."""
+    """Pretrained vs random-init per (task, metric incl. parameters): both values, CIs and n."""
     a, b = _rows(pre), _rows(rnd)
     rows = []
-    for key in sorted(a):
+    for key in a:
         if key in b and isinstance(a[key].get("value"), (int, float)) and isinstance(b[key].get("value"),
                                                                                       (int, float)):
             rows.append({"task": key[0], "metric": key[1], "pretrained": a[key]["value"],
@@ -286,6 +296,62 @@ def _ci(ci) -> str:
     return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci and None not in ci else ""
 
 
+def headline(rows: list[dict]) -> dict:
+    """The pre-declared comparison: linear-probe test AUROC on every labelled task, pretrained vs random init."""
+    probe = [r for r in rows if r["task"].endswith("_logistic") and r["metric"] == "auroc"]
+    wins = [r for r in probe if r["pretrained"] > r["random_init"]]
+    clear = [r for r in probe if r["pretrained_ci"] and r["random_init_ci"] and None not in r["pretrained_ci"]
+             and None not in r["random_init_ci"] and r["pretrained_ci"][0] > r["random_init_ci"][1]]
+    mean = (lambda k: sum(r[k] for r in probe) / len(probe)) if probe else (lambda k: float("nan"))
+    return {"tasks": len(probe), "wins": len(wins), "clear_wins": len(clear),
+            "mean_pretrained": mean("pretrained"), "mean_random_init": mean("random_init")}
+
+
+def comparison_plot(rows: list[dict], path: Path) -> Path | None:
+    """Linear-probe AUROC per task (with 95% CIs) and few-shot AUROC vs k, pretrained vs random init."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    probe = [r for r in rows if r["task"].endswith("_logistic") and r["metric"] == "auroc"]
+    few: dict[str, dict[int, dict]] = {}
+    for r in rows:
+        if r["task"].endswith("_fewshot") and r["metric"].startswith("auroc (shots="):
+            few.setdefault(r["task"], {})[int(r["metric"].split("=")[1].rstrip(")"))] = r
+    if not probe and not few:
+        return None
+    fig, axes = plt.subplots(1, 1 + len(few), figsize=(4.5 * (1 + len(few)), 3.6), squeeze=False)
+    ax = axes[0][0]
+    for j, (key, color) in enumerate((("pretrained", "tab:blue"), ("random_init", "tab:gray"))):
+        xs = [i + (j - 0.5) * 0.35 for i in range(len(probe))]
+        vals = [r[key] for r in probe]
+        err = [[max(0.0, r[key] - (r[f"{key}_ci"] or [r[key]])[0]) for r in probe],
+               [max(0.0, (r[f"{key}_ci"] or [0, r[key]])[1] - r[key]) for r in probe]]
+        ax.bar(xs, vals, width=0.35, color=color, yerr=err, capsize=3, label=key.replace("_", " "))
+    ax.set_xticks(range(len(probe)), [r["task"].removesuffix("_logistic") for r in probe], rotation=20, fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("test AUROC (95% CI)")
+    ax.set_title("linear probe")
+    ax.legend(fontsize=8)
+    for ax, (task, by_k) in zip(axes[0][1:], few.items()):
+        ks = sorted(by_k)
+        for key, color in (("pretrained", "tab:blue"), ("random_init", "tab:gray")):
+            ax.errorbar(ks, [by_k[k][key] for k in ks], fmt="o-", color=color, capsize=3,
+                        yerr=[[max(0.0, by_k[k][key] - (by_k[k][f"{key}_ci"] or [by_k[k][key]])[0]) for k in ks],
+                              [max(0.0, (by_k[k][f"{key}_ci"] or [0, by_k[k][key]])[1] - by_k[k][key]) for k in ks]],
+                        label=key.replace("_", " "))
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.set_xlabel("labelled examples per class")
+        ax.set_title(task.removesuffix("_fewshot") + ": few-shot AUROC")
+        ax.set_ylim(0.3, 1.05)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def stage_report(out: Path, corpus: dict, run_dir: Path, pre: Path, rnd: Path, release_dir: Path,
                  seconds: float) -> Path:
     rep_dir = out / "report"
@@ -294,7 +360,8 @@ def stage_report(out: Path, corpus: dict, run_dir: Path, pre: Path, rnd: Path, r
     if curve.is_file():
         shutil.copy(curve, rep_dir / "loss_curve.png")
     rows = compare(pre, rnd)
-    head = [r for r in rows if r["task"] == "mri2d_tissue_logistic" and r["metric"] == "auroc"]
+    head = headline(rows)
+    plot = comparison_plot(rows, rep_dir / "pretrained_vs_random.png")
     lines = ["# medfm demo report", "",
              f"Finished in {seconds / 60:.1f} min. Everything below was computed in this run from the files "
              "listed; the corpus's labels and captions are derived from atlases, metadata and beat detection, "
@@ -310,18 +377,19 @@ def stage_report(out: Path, corpus: dict, run_dir: Path, pre: Path, rnd: Path, r
     for r in rows:
         lines.append(f"| {r['task']} | {r['metric']} | {r['pretrained']:.3f} | {_ci(r['pretrained_ci'])} | "
                      f"{r['random_init']:.3f} | {_ci(r['random_init_ci'])} | {r['n']} |")
-    if head:
-        h = head[0]
-        verdict = "beats" if h["pretrained"] > h["random_init"] else "does NOT beat"
-        lines += ["", f"**Headline:** on grey- vs white-matter MRI patches (linear probe, test AUROC) the pretrained "
-                      f"image encoder {verdict} random init: {h['pretrained']:.3f} {_ci(h['pretrained_ci'])} vs "
-                      f"{h['random_init']:.3f} {_ci(h['random_init_ci'])}."]
+    if head["tasks"]:
+        lines += ["", f"**Headline (declared before the run):** linear-probe test AUROC over the {head['tasks']} "
+                      f"labelled tasks — pretrained better on {head['wins']} of {head['tasks']} (CIs separated on "
+                      f"{head['clear_wins']}); mean {head['mean_pretrained']:.3f} vs {head['mean_random_init']:.3f} "
+                      "at random init. Zero-shot rows need a trained text tower: at random init they are chance."]
+    if plot is not None:
+        lines += ["", "![pretrained vs random init](pretrained_vs_random.png)"]
     lines += ["", f"Per-task ROC/PR curves: `{pre.parent}` (pretrained) and `{rnd.parent}` (random init).", "",
               "## Release", "", f"`{release_dir}` — load it with `medfm.model_zoo.load(\"{DEMO_NAME}:{DEMO_VERSION}\", "
               f"zoo=\"{release_dir.parent.parent}\")`; its README.md is the model card.", ""]
     path = rep_dir / "REPORT.md"
     path.write_text("\n".join(lines))
-    (rep_dir / "comparison.json").write_text(json.dumps(rows, indent=2))
+    (rep_dir / "comparison.json").write_text(json.dumps({"headline": head, "rows": rows}, indent=2))
     for png in pre.parent.glob("*.png"):
         shutil.copy(png, rep_dir / f"pretrained_{png.name}")
     return path

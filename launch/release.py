@@ -91,7 +91,9 @@ def _eval_table(report: dict | None) -> list[str]:
     for r in report["results"]:
         value = r.get("value")
         shown = f"{value:.4f}" if isinstance(value, (int, float)) else f"failed: {r.get('error', 'n/a')}"
-        lines.append(f"| {r.get('task', '')} | {r.get('protocol', '')} | {r.get('metric', '')} | {shown} | "
+        params = ", ".join(f"{k}={v}" for k, v in (r.get("params") or {}).items() if k != "repeats")
+        metric = f"{r.get('metric', '')} ({params})" if params else r.get("metric", "")
+        lines.append(f"| {r.get('task', '')} | {r.get('protocol', '')} | {metric} | {shown} | "
                      f"{_fmt_ci(r.get('ci'))} | {r.get('n', '')} |")
     failed = [t for t in report.get("tasks", []) if isinstance(t, dict) and t.get("status") == "failed"]
     for t in failed:

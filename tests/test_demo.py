@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from medfm.launch.demo import compare, eval_suite, pretrain_config
+from medfm.launch.demo import compare, comparison_plot, eval_suite, headline, pretrain_config
 from medfm.launch.demo_corpus import TASKS
 
 
@@ -47,3 +47,12 @@ def test_compare_pairs_rows_and_skips_failed(tmp_path):
     out = compare(a, b)
     assert out == [{"task": "t", "metric": "auroc", "pretrained": 0.9, "pretrained_ci": [0.8, 1.0],
                     "random_init": 0.6, "random_init_ci": [0.5, 0.7], "n": 10}]
+    few = [{**row, "task": "f_fewshot", "params": {"shots": k, "repeats": 5}, "value": 0.5 + k / 10} for k in (1, 2)]
+    a = rep(tmp_path / "a2.json", [{**row, "task": "t_logistic"}, *few])
+    b = rep(tmp_path / "b2.json", [{**row, "task": "t_logistic", "value": 0.95, "ci": [0.9, 1.0]},
+                                   *[{**f, "value": 0.5} for f in few]])
+    out = compare(a, b)
+    assert [r["metric"] for r in out] == ["auroc", "auroc (shots=1)", "auroc (shots=2)"]
+    head = headline(out)
+    assert head == {"tasks": 1, "wins": 0, "clear_wins": 0, "mean_pretrained": 0.9, "mean_random_init": 0.95}
+    assert comparison_plot(out, tmp_path / "cmp.png").stat().st_size > 1000

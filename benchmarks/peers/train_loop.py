@@ -84,6 +84,8 @@ def run_medfm(stream: Stream, total_steps: int, batch: int, compile_towers: bool
 
     model = to_dict(tiny_config(("image", "text"), embed_dim=EMBED, image_size=IMAGE, image_chans=3, mae=False,
                                 caption=False))
+    # Same architecture as open_clip's text transformer, which has no dropout (CLIP trains without it).
+    model["towers"]["text"]["overrides"].update(hidden_dropout=0.0, attention_dropout=0.0)
     cfg = from_dict(RunConfig, {
         "name": "peers-bench", "run_dir": run_dir,
         "data": {"sources": [{"path": "synthetic"}], "batch_size": batch, "num_workers": 0},

@@ -1,11 +1,13 @@
 """Speed side by side with the references, as ratios with min/median/max over repeated runs (issue #9).
 
-    python benchmarks/peers.py [--repeats 3] [--steps 20] [--skip-loader] [--json out.json]
+    python benchmarks/peers.py [--repeats 3] [--steps 30] [--compile] [--skip-loader] [--loader-full]
+                               [--workers 1,2] [--json out.json]
 
-- ``clip``: medfm vs open_clip on the same tiny ViT + text CLIP step (benchmarks/peers/clip_step.py: same widths,
-  depths, heads, patch, context, synthetic batch stream, AdamW), each in its own process — medfm in .venv, open_clip
-  in .venv-peers (``make peers``) — alternated within one run. Ratio = medfm samples/s / open_clip samples/s
-  (target >= 1.2); peak RSS of each process reported beside it.
+- ``clip``: medfm's training loop (``medfm.pretrain.train.run``, strategy ddp, world of one) vs open_clip's own
+  (``open_clip_train.train.train_one_epoch``) on the same tiny ViT + text CLIP and the same synthetic batch stream
+  (benchmarks/peers/train_loop.py), each in its own process — medfm in .venv, open_clip in .venv-peers
+  (``make peers``) — alternated within one run. Ratio = medfm samples/s / open_clip samples/s (target >= 1.2);
+  peak RSS of each process beside it. ``--compile`` adds a third process per repeat: medfm with train.compile.
 - ``loader``: benchmarks/loader.py (the loader engineer's benchmark, reused unchanged) run ``--repeats`` times;
   per (modality, workers) row the medfm / plain-webdataset ratio (target >= 0.95) and, for volumes, shards / MONAI
   on-the-fly (target >= 10).
@@ -38,28 +40,31 @@ def spread(values) -> str:
     return f"{min(values):.2f} / {statistics.median(values):.2f} / {max(values):.2f}"
 
 
-def bench_clip(repeats: int, steps: int, batch: int) -> dict:
+def bench_clip(repeats: int, steps: int, batch: int, compile_towers: bool) -> dict:
     if not PEER_PYTHON.exists():
         raise SystemExit(f"{PEER_PYTHON} missing: run `make peers` first")
-    script = REPO / "benchmarks" / "peers" / "clip_step.py"
-    runs = {"medfm": [], "open_clip": []}
+    script = REPO / "benchmarks" / "peers" / "train_loop.py"
+    impls = ("medfm", "open_clip") + (("medfm+compile",) if compile_towers else ())
+    runs = {k: [] for k in impls}
     for i in range(repeats):
-        order = ("medfm", "open_clip") if i % 2 == 0 else ("open_clip", "medfm")  # alternate: load drift cancels
+        order = impls if i % 2 == 0 else impls[::-1]  # alternate: load drift cancels
         for impl in order:
-            py = sys.executable if impl == "medfm" else PEER_PYTHON
-            runs[impl] += _run_json_lines([str(py), str(script), "--impl", impl, "--steps", str(steps),
-                                           "--batch", str(batch)])
+            py = PEER_PYTHON if impl == "open_clip" else sys.executable
+            cmd = [str(py), str(script), "--impl", impl.split("+")[0], "--steps", str(steps), "--batch", str(batch)]
+            # compiled: the first step is the eager FLOP count, the second compiles; both stay out of the timing
+            runs[impl] += _run_json_lines(cmd + (["--compile", "--warmup", "5"] if "+" in impl else []))
             print(json.dumps(runs[impl][-1]), flush=True)
-    ratios = [m["samples_s"] / o["samples_s"] for m, o in zip(runs["medfm"], runs["open_clip"])]
+    ratios = {k: [m["samples_s"] / o["samples_s"] for m, o in zip(runs[k], runs["open_clip"])]
+              for k in impls if k != "open_clip"}
     return {"runs": runs, "ratios": ratios}
 
 
-def bench_loader(repeats: int, quick: bool) -> dict:
+def bench_loader(repeats: int, quick: bool, workers: str) -> dict:
     rows = {}
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "loader.json"
-            cmd = [sys.executable, str(REPO / "benchmarks" / "loader.py"), "--workers", "1", "--repeat", "1",
+            cmd = [sys.executable, str(REPO / "benchmarks" / "loader.py"), "--workers", workers, "--repeat", "1",
                    "--json", str(out)] + (["--quick"] if quick else [])
             _run_json_lines(cmd, timeout=1800)
             for r in json.loads(out.read_text()):
@@ -70,25 +75,31 @@ def bench_loader(repeats: int, quick: bool) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--compile", action="store_true", help="also time medfm with train.compile=true")
+    ap.add_argument("--workers", default="1", help="loader workers, e.g. 1,2")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--skip-loader", action="store_true")
     ap.add_argument("--loader-full", action="store_true", help="loader.py's full sizes (slow) instead of --quick")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
-    clip = bench_clip(args.repeats, args.steps, args.batch)
-    m, o = clip["runs"]["medfm"], clip["runs"]["open_clip"]
+    clip = bench_clip(args.repeats, args.steps, args.batch, args.compile)
+    o = clip["runs"]["open_clip"]
     print("\n| comparison | medfm | reference | ratio min / median / max | target |")
     print("|---|---|---|---|---|")
-    print(f"| CLIP step samples/s (batch {args.batch}) | {statistics.median([r['samples_s'] for r in m]):.0f} | "
-          f"open_clip {statistics.median([r['samples_s'] for r in o]):.0f} | {spread(clip['ratios'])} | >= 1.2 |")
-    print(f"| CLIP step peak RSS MB | {statistics.median([r['peak_rss_mb'] for r in m]):.0f} | "
-          f"open_clip {statistics.median([r['peak_rss_mb'] for r in o]):.0f} | "
-          f"{spread([a['peak_rss_mb'] / b['peak_rss_mb'] for a, b in zip(m, o)])} | - |")
+    for impl, ratios in clip["ratios"].items():
+        m = clip["runs"][impl]
+        print(f"| CLIP training loop samples/s, {impl} (batch {args.batch}) | "
+              f"{statistics.median([r['samples_s'] for r in m]):.0f} | "
+              f"open_clip train_one_epoch {statistics.median([r['samples_s'] for r in o]):.0f} | {spread(ratios)} "
+              f"| >= 1.2 |")
+        print(f"| CLIP training loop peak RSS MB, {impl} | {statistics.median([r['peak_rss_mb'] for r in m]):.0f} | "
+              f"open_clip {statistics.median([r['peak_rss_mb'] for r in o]):.0f} | "
+              f"{spread([a['peak_rss_mb'] / b['peak_rss_mb'] for a, b in zip(m, o)])} | - |")
     result = {"clip": clip}
     if not args.skip_loader:
-        rows = bench_loader(args.repeats, quick=not args.loader_full)
+        rows = bench_loader(args.repeats, quick=not args.loader_full, workers=args.workers)
         for (modality, workers), rs in rows.items():
             print(f"| loader {modality}, {workers} worker(s) samples/s | "
                   f"{statistics.median([r['medfm_samples_s'] for r in rs]):.0f} | plain webdataset "

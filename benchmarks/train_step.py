@@ -170,7 +170,10 @@ def mae_mfu(tmp: Path) -> dict:
 
 
 def _worker(out: str, size: str, presets: list[str]) -> None:
-    """torchrun: DDP and each ZeRO-3 preset's step time and parameter bytes on this rank."""
+    """torchrun: DDP and each ZeRO-3 preset's step time and parameter bytes on this rank.
+
+    All engines are built first, then stepped round-robin (one step of each in turn) so every configuration sees
+    the same machine load over time — the shared CPUs' load drifts too much for back-to-back blocks to compare."""
     import torch.distributed as dist
 
     from medfm.pretrain.engine import Engine, init_distributed, setup_environment
@@ -180,8 +183,9 @@ def _worker(out: str, size: str, presets: list[str]) -> None:
     rank, world = init_distributed()
     tmp = Path(out).parent
     steps, warmup = (STEPS, WARMUP) if size == "small" else (6, 2)
-    res = {}
-    for name in ["ddp", *presets]:
+    names = ["ddp", *presets]
+    steppers, res = {}, {}
+    for name in names:
         strategy = "ddp" if name == "ddp" else "zero3"
         cfg = _config(tmp, strategy, size, zero=ZERO_PRESETS.get(name))
         engine = Engine(cfg, rank, world)
@@ -191,16 +195,25 @@ def _worker(out: str, size: str, presets: list[str]) -> None:
             _micro_step(engine, batch, batch["plan"], False)
             engine.step(False)
 
-        dist.barrier()
-        res[name] = {"step_s": _time(step, steps, warmup), "local_param_bytes": engine.local_param_bytes(),
-                     "full_param_bytes": engine.full_param_bytes()}
+        steppers[name] = step
+        res[name] = {"local_param_bytes": engine.local_param_bytes(), "full_param_bytes": engine.full_param_bytes()}
+    times = {name: [] for name in names}
+    for i in range(warmup + steps):
+        for name in names:
+            dist.barrier()
+            t = time.perf_counter()
+            steppers[name]()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t)
+    for name in names:
+        res[name]["step_s"] = statistics.median(times[name])
         if rank == 0:
             print(f"{size} {name}: {res[name]['step_s']:.3f} s/step", file=sys.stderr, flush=True)
-        del engine
     Path(out).with_suffix(f".rank{rank}.json").write_text(json.dumps(res))
 
 
 def zero3_vs_ddp(tmp: Path, size: str = "small", presets: list[str] | None = None) -> dict:
+    """Step-time ratios ZeRO-3 / DDP per preset (the medians of interleaved steps; max over ranks)."""
     _ensure_shards(tmp)
     presets = presets or list(ZERO_PRESETS)
     out = tmp / f"dist_{size}.json"

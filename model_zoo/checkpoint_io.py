@@ -23,15 +23,13 @@ def latest_tag(checkpoint_dir) -> str:
 
 
 def consolidate(checkpoint_dir, tag: str | None = None) -> dict[str, torch.Tensor]:
-    """fp32 state dict of the PretrainModule in checkpoint ``tag`` (default: latest) — keys still carry the
+    """fp32 state dict of the PretrainModule in checkpoint ``tag`` (default: the latest complete one) — keys carry the
     ``model.`` prefix (see ``model_state_dict``). ZeRO-3 partitions are merged with DeepSpeed's zero_to_fp32 (exact
     fp32 master weights); a DDP checkpoint is read directly. Never unpickles medfm's own files."""
     root = Path(checkpoint_dir)
     if tag is None:
         tag = latest_tag(root)
-    path = root / tag
-    if not (path / "COMPLETE").is_file():
-        raise ValueError(f"checkpoint {path}: not a complete checkpoint (no COMPLETE marker)")
+    path = root / tag  # an explicit tag may also be a plain DeepSpeed checkpoint (no medfm COMPLETE marker)
     if (path / "model.safetensors").is_file():
         from safetensors.torch import load_file
 

@@ -7,7 +7,9 @@
     ds_config.py   deepspeed_config(run_config, world_size)
     engine.py      Engine (strategy zero3 | ddp), init_distributed()
     train.py       run(run_config) -> RunResult
-    checkpoint.py  CheckpointManager, consolidate(), model_state_dict()
+    checkpoint.py  CheckpointManager (+ consolidate(), model_state_dict() re-exported from model_zoo.checkpoint_io)
+    step_flops.py  model FLOPs of a micro-step: model_zoo.flops formulas (MAE) or torch's flop counter
+    faults.py      MEDFM_FAULT fault injection for restart tests (kill-after-checkpoint, kill-in-save)
     tracking.py    Tracker (mlflow on rank 0, metrics.jsonl, progress bar)
     cli.py         `medfm pretrain CONFIG.yaml [key=value ...]`, `medfm pretrain-consolidate`
 

@@ -93,6 +93,9 @@ class TrainConfig:
     tokenizer: Literal["tower", "bytes"] = "tower"  # text tokenizer: the text tower's HF one, or UTF-8 bytes
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 = measure a dense matmul at start
     progress: bool = True
+    # torch.compile each tower's forward (nn.Module.compile: parameter names unchanged). Opt-in: the first steps
+    # pay the compile; DDP only (ZeRO-3's parameter hooks do not trace).
+    compile: bool = False
 
     def validate(self):
         if self.steps < 1:
@@ -215,6 +218,9 @@ class RunConfig:
             for obj in g.objectives:
                 if obj not in names:
                     raise ValueError(f"data.plan group {g.name!r} names objective {obj!r}, not in objectives {names}")
+        if self.train.compile and self.train.strategy == "zero3":
+            raise ValueError("train.compile=true needs train.strategy=ddp (ZeRO-3's parameter hooks do not "
+                             "trace under torch.compile)")
         for t in self.train.grad_checkpointing:
             if t not in self.model.towers:
                 raise ValueError(f"train.grad_checkpointing: no tower {t!r} (have {sorted(self.model.towers)})")

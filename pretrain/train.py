@@ -211,8 +211,9 @@ def run(cfg: RunConfig) -> RunResult:
                     names, vals, tok, bad = _micro_step(engine, batch, plan, skip)
                     flops += analytic_micro_step_flops(engine.module, cfg.model, batch, names)
                 elif group not in flops_by_group:  # count model FLOPs once per plan group (fwd + bwd)
-                    (names, vals, tok, bad), f = _flops_of(
-                        lambda b=batch, p=plan, s=skip: _micro_step(engine, b, p, s))
+                    with engine.eager():  # counted eagerly (see Engine.eager)
+                        (names, vals, tok, bad), f = _flops_of(
+                            lambda b=batch, p=plan, s=skip: _micro_step(engine, b, p, s))
                     flops_by_group[group] = f * t.grad_accum
                 else:
                     names, vals, tok, bad = _micro_step(engine, batch, plan, skip)

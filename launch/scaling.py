@@ -379,6 +379,27 @@ def report_json(report: ScalingReport) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- plot
+def _plain_log_labels(ax) -> None:
+    """Plain tick labels on log axes. Sweep losses span well under a decade, where matplotlib's default labels its
+    minor ticks as '2.1×10⁰'; and on a one-to-two-decade x axis it labels every minor tick, which overlap. Here every
+    y tick reads as a plain number and only the 2s and 5s between x decades are labelled."""
+    from matplotlib.ticker import FuncFormatter
+
+    def plain(v, _pos):
+        return f"{v:.3g}"
+
+    def twos_and_fives(v, _pos):
+        if v <= 0:
+            return ""
+        lead = round(v / 10 ** math.floor(math.log10(v)), 6)
+        return f"{v:.3g}" if lead in (2.0, 5.0) else ""
+
+    ax.yaxis.set_major_formatter(FuncFormatter(plain))
+    ax.yaxis.set_minor_formatter(FuncFormatter(plain))
+    ax.xaxis.set_major_formatter(FuncFormatter(plain))
+    ax.xaxis.set_minor_formatter(FuncFormatter(twos_and_fives))
+
+
 def plot_fits(points: Points, fits: dict, report: ScalingReport, out) -> Path:
     """Three panels: loss vs N (one colour per D, joint-law curves, the L(N) envelope law), loss vs D, and the
     compute frontier L*(C) with the extrapolated budgets and their intervals."""
@@ -386,6 +407,7 @@ def plot_fits(points: Points, fits: dict, report: ScalingReport, out) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     out = Path(out)
     joint, k_flops = fits["joint"], fits["k_flops"]
@@ -408,6 +430,7 @@ def plot_fits(points: Points, fits: dict, report: ScalingReport, out) -> Path:
                     label=f"envelope fit: {law.E:.3g}+{law.coef[0]:.3g}·{xname}^-{law.exponents[0]:.3f}")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        _plain_log_labels(ax)
         ax.set_xlabel(xname)
         ax.set_ylabel("final loss")
         ax.set_title(f"loss vs {xname} (lines: joint L(N,D))")
@@ -422,11 +445,17 @@ def plot_fits(points: Points, fits: dict, report: ScalingReport, out) -> Path:
     ax.plot(c_grid, l_star, "r-", lw=1.5, label="compute-optimal frontier L*(C)")
     for e in report.extrapolation:
         lo, hi = e["loss_interval"]
-        yerr = None if not (np.isfinite(lo) and np.isfinite(hi)) else [[e["loss"] - lo], [hi - e["loss"]]]
+        # The point estimate can fall outside its bootstrap percentile interval (a skewed bootstrap); matplotlib
+        # rejects negative error-bar lengths, so such a side is drawn as zero.
+        yerr = None if not (np.isfinite(lo) and np.isfinite(hi)) else [[max(0.0, e["loss"] - lo)],
+                                                                      [max(0.0, hi - e["loss"])]]
         ax.errorbar([e["compute"]], [e["loss"]], yerr=yerr, fmt="r*", ms=12, capsize=4,
                     label=f"{e['name']}: N*={e['n_opt']:.3g}, D*={e['d_opt']:.3g}")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    # Loss as plain numbers; x keeps matplotlib's 10^k labels, since compute spans several decades.
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:.3g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _pos: f"{v:.3g}"))
     ax.set_xlabel(f"compute C = {k_flops:.3g}·N·D (FLOPs)")
     ax.set_ylabel("final loss")
     ax.set_title("compute frontier and extrapolation")

@@ -49,6 +49,10 @@ class MAEDecoder(nn.Module):
         init_weights_mae(self)
         nn.init.normal_(self.mask_token, std=0.02)
 
+    def mix_neighbours(self, full: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """Hook on the un-shuffled grid tokens [B, N, width] before positions are added (identity here)."""
+        return full
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = bool(enable)
 
@@ -78,6 +82,7 @@ class MAEDecoder(nn.Module):
         fill = self.mask_token.to(x.dtype).expand(b, n - kept.shape[1], -1)
         full = torch.cat([kept, fill], dim=1)
         full = torch.gather(full, 1, ids_restore[..., None].expand(-1, -1, full.shape[-1]))
+        full = self.mix_neighbours(full, valid)
         pos = self.pos_embed if grid == self.grid else sincos_grid(self.width, grid)[None].to(x.device)
         full = full + pos.to(x.dtype)
         x = torch.cat([x[:, :p], full], dim=1)
@@ -97,7 +102,28 @@ class MAEDecoder3D(MAEDecoder):
 
 
 class MAEDecoder1D(MAEDecoder):
+    """1-D decoder with a depthwise conv over the un-shuffled tokens before the blocks (``local_mix``).
+
+    Why: a masked signal patch is predictable from its *neighbours* (ECG: the waveform on either side), not from
+    anything global. Attention only finds the neighbours once its q/k weights have learnt to read the sin-cos
+    positions, and until then the masked prediction is uncorrelated with every input, so MAE sits on the
+    "predict the patch mean" saddle (normalised loss ~1.0 for hundreds of steps on real ECG, the tower's gradient
+    ~0). The conv hands each mask token its neighbours' latents from step 0. Images/volumes do not need it: their
+    masked patches correlate with global content that uniform attention already carries.
+    """
+
     ndim = 1
+    local_kernel = 3
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        k = self.local_kernel
+        self.local_mix = nn.Conv1d(self.width, self.width, k, padding=k // 2, groups=self.width)
+
+    def mix_neighbours(self, full: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        if valid is not None:  # padded patches must not leak into real ones
+            full = full * valid[..., None].to(full.dtype)
+        return full + self.local_mix(full.transpose(1, 2)).transpose(1, 2)
 
 
 def decoder_for(tower, width: int = 512, depth: int = 8, num_heads: int = 16, mlp_ratio: float = 4.0,

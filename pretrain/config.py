@@ -75,7 +75,7 @@ class ZeroConfig:
     # on one rank (model_zoo initialises one gathered leaf at a time; same values as an ordinary build). Off only for
     # a text tower loading pretrained HF weights, which HF cannot load into partitioned tensors.
     zero_init: bool = True
-    overlap_comm: bool = False  # comm on a side stream; a GPU option (on CPU/gloo it measured no faster)
+    overlap_comm: bool = False  # comm on a side stream: a GPU option (CPU/gloo: no gain, docs/notes/pretrain.md)
 
 
 @dataclass

@@ -78,6 +78,12 @@ class Tracker:
             import mlflow
 
             mlflow.set_tracking_uri(self.uri)
+            if self.uri.startswith("sqlite:") and mlflow.get_experiment_by_name(self.cfg.experiment) is None:
+                # A local store keeps its artifacts beside its database (the run or sweep directory); mlflow's
+                # default artifact root is ./mlruns of whatever directory the run was started from.
+                db = Path(self.uri[len("sqlite:///"):]) if self.uri.startswith("sqlite:///") else self.run_dir / "x"
+                mlflow.create_experiment(self.cfg.experiment,
+                                         artifact_location=(db.parent / "mlartifacts").resolve().as_uri())
             mlflow.set_experiment(self.cfg.experiment)
             run = mlflow.start_run(run_name=self.cfg.run_name or None)
             self._run_id = run.info.run_id

@@ -20,7 +20,7 @@ OBJECTIVES = [{"name": "mae:image"}, {"name": "contrastive:image-text"}]
 
 def _config(tmp_path, shards, name, compile_towers):
     cfg = run_config(tmp_path / name, shards, OBJECTIVES, ("image", "text"), batch=4, steps=3,
-                     train={"strategy": "ddp", "compile": compile_towers, "peak_tflops": 1.0})
+                     train={"strategy": "ddp", "compile": compile_towers}, checkpoint={"final": True})
     # Inductor draws dropout masks from its own RNG stream: with dropout the two runs would differ by design.
     cfg["model"]["towers"]["text"]["overrides"].update(hidden_dropout=0.0, attention_dropout=0.0)
     return from_dict(RunConfig, cfg)
@@ -50,8 +50,10 @@ def test_compiled_towers_train_the_same_losses_as_eager(tmp_path):
     sd_e = consolidate(tmp_path / "eager" / "checkpoints")
     sd_c = consolidate(tmp_path / "compiled" / "checkpoints")
     assert sd_e.keys() == sd_c.keys() and not any("_orig_mod" in k for k in sd_c)
+    # Weights: AdamW turns fp32 rounding differences in a near-zero gradient into an update of up to ~lr (3e-3),
+    # so after 3 steps a few elements differ by a fraction of lr; the losses above are the tight check.
     for k in sd_e:
-        torch.testing.assert_close(sd_c[k], sd_e[k], rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(sd_c[k], sd_e[k], rtol=1e-3, atol=1e-3)
 
 
 def test_compile_with_zero3_is_refused_in_one_line(tmp_path):

@@ -56,7 +56,9 @@ def bench_clip(repeats: int, steps: int, batch: int, compile_towers: bool) -> di
             print(json.dumps(runs[impl][-1]), flush=True)
     ratios = {k: [m["samples_s"] / o["samples_s"] for m, o in zip(runs[k], runs["open_clip"])]
               for k in impls if k != "open_clip"}
-    return {"runs": runs, "ratios": ratios}
+    cpu_ratios = {k: [m["samples_cpu_s"] / o["samples_cpu_s"] for m, o in zip(runs[k], runs["open_clip"])]
+                  for k in impls if k != "open_clip"}
+    return {"runs": runs, "ratios": ratios, "cpu_ratios": cpu_ratios}
 
 
 def bench_loader(repeats: int, quick: bool, workers: str) -> dict:
@@ -94,6 +96,10 @@ def main(argv=None) -> None:
               f"{statistics.median([r['samples_s'] for r in m]):.0f} | "
               f"open_clip train_one_epoch {statistics.median([r['samples_s'] for r in o]):.0f} | {spread(ratios)} "
               f"| >= 1.2 |")
+        print(f"| CLIP training loop samples per CPU-second, {impl} | "
+              f"{statistics.median([r['samples_cpu_s'] for r in m]):.0f} | "
+              f"open_clip {statistics.median([r['samples_cpu_s'] for r in o]):.0f} | "
+              f"{spread(clip['cpu_ratios'][impl])} | - |")
         print(f"| CLIP training loop peak RSS MB, {impl} | {statistics.median([r['peak_rss_mb'] for r in m]):.0f} | "
               f"open_clip {statistics.median([r['peak_rss_mb'] for r in o]):.0f} | "
               f"{spread([a['peak_rss_mb'] / b['peak_rss_mb'] for a, b in zip(m, o)])} | - |")

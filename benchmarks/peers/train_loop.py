@@ -40,13 +40,16 @@ class Stream:
         self.data = [(torch.randn(batch, 3, IMAGE, IMAGE, generator=g),
                       torch.randint(1000, VOCAB, (batch, CONTEXT), generator=g)) for _ in range(n)]
         self.stamps: list[float] = []
+        self.cpu_stamps: list[float] = []  # this process's CPU time: less sensitive to other jobs on shared cores
 
     def take(self, i: int):
         self.stamps.append(time.perf_counter())
+        self.cpu_stamps.append(time.process_time())
         return self.data[i]
 
-    def seconds(self, warmup: int, steps: int) -> float:
-        return self.stamps[warmup + steps] - self.stamps[warmup]
+    def seconds(self, warmup: int, steps: int, cpu: bool = False) -> float:
+        s = self.cpu_stamps if cpu else self.stamps
+        return s[warmup + steps] - s[warmup]
 
 
 # -- medfm --------------------------------------------------------------------------------------------------------
@@ -158,6 +161,7 @@ def main(argv=None) -> None:
     dt = stream.seconds(args.warmup, args.steps)
     print(json.dumps({"impl": args.impl + ("+compile" if args.compile else ""), "loop": "own",
                       "samples_s": args.steps * args.batch / dt, "seconds": dt,
+                      "samples_cpu_s": args.steps * args.batch / stream.seconds(args.warmup, args.steps, cpu=True),
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "torch": torch.__version__, **extra}))
 

@@ -15,23 +15,13 @@ from pathlib import Path
 
 import yaml
 
-from medfm.schema import ConfigError, apply_overrides, to_dict
+from medfm.schema import ConfigError, apply_overrides, read_yaml_mapping, to_dict
 
 RUNS_ROOT = "runs"
 
 
 def _raw(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise ConfigError(f"{path}:{f' line {mark.line + 1}' if mark else ''} is not valid YAML") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    return data
+    return read_yaml_mapping(path)
 
 
 def resolve_config(path, overrides=(), runs_root: str = RUNS_ROOT):

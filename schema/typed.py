@@ -216,8 +216,8 @@ def _deepcopy(d):
     return d
 
 
-def load_yaml(path, cls=None, overrides=()):
-    """Read YAML at ``path`` (a mapping), apply overrides, and build ``cls`` when given."""
+def read_yaml_mapping(path) -> dict:
+    """The top-level mapping of the YAML file at ``path``; ConfigError (one line) when missing or malformed."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -229,5 +229,10 @@ def load_yaml(path, cls=None, overrides=()):
         raise ConfigError(f"{path}:{where} is not valid YAML") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    data = apply_overrides(data, overrides, cls)
+    return data
+
+
+def load_yaml(path, cls=None, overrides=()):
+    """Read YAML at ``path`` (a mapping), apply overrides, and build ``cls`` when given."""
+    data = apply_overrides(read_yaml_mapping(path), overrides, cls)
     return from_dict(cls, data) if cls is not None else data

@@ -140,6 +140,10 @@ def mae_forward_flops(model_or_name, mask_ratio: float = 0.75, input_shape=None,
     enc = 2 * n * pin * d + _encoder_flops(cfg, keep, prefix)
     dec = 2 * (prefix + keep) * d * dw + decoder_depth * block_flops(prefix + n, dw, int(dw * decoder_mlp_ratio))
     dec += 2 * (prefix + n) * dw * pin
+    if isinstance(cfg, SignalConfig):  # 1-D decoders mix each grid token with its neighbours: depthwise conv, kernel 3
+        from medfm.model_zoo.mae import MAEDecoder1D
+
+        dec += 2 * n * dw * MAEDecoder1D.local_kernel
     return enc + dec
 
 

@@ -54,6 +54,7 @@ class MultiModalConfig:
     mae_decoder: MAEDecoderSpec = field(default_factory=MAEDecoderSpec)
     caption: CaptionSpec = field(default_factory=CaptionSpec)
     init_logit_scale: float = math.log(1 / 0.07)  # CLIP temperature, stored as log
+    init_siglip_logit_scale: float = math.log(10.0)  # SigLIP's own temperature (paper init t' = log 10)
     init_logit_bias: float = -10.0  # SigLIP bias
     attn_backend: str | None = None  # when set, overrides every tower's and decoder's attention backend
     grad_checkpointing: bool | None = None  # when set, overrides every tower's switch
@@ -125,6 +126,10 @@ class MultiModalModel(nn.Module):
                 attn_backend=backend,
             )
         self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.init_logit_scale)))
+        # SigLIP pairs get their own temperature: sharing CLIP's (init 1/0.07) with a -10 bias starts SigLIP at
+        # logits of ~4 with a sigmoid scale tuned for 10, which collapses near-duplicate captions to the trivial
+        # "every pair scores the same" solution (seen on the demo ECG captions).
+        self.siglip_logit_scale = nn.Parameter(torch.full((1,), float(cfg.init_siglip_logit_scale)))
         self.logit_bias = nn.Parameter(torch.full((1,), float(cfg.init_logit_bias)))
 
     @property

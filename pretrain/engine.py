@@ -62,7 +62,7 @@ def param_group_name(name: str) -> str:
         parts = parts[1:]
         if parts[0] in ("towers", "mae_decoders"):
             return f"{parts[0]}.{parts[1]}"
-        if parts[0] in ("logit_scale", "logit_bias"):
+        if parts[0] in ("logit_scale", "siglip_logit_scale", "logit_bias"):
             return "scalars"
         return parts[0]
     if parts[0] == "objectives":

@@ -180,7 +180,7 @@ class ContrastiveObjective(Objective):
         if self.cfg.loss == "clip":
             loss = self.loss(ea, eb, model.logit_scale, valid=valid)
         else:
-            loss = self.loss(ea, eb, model.logit_scale, model.logit_bias, valid=valid)
+            loss = self.loss(ea, eb, model.siglip_logit_scale, model.logit_bias, valid=valid)
         return {self.name: loss}
 
 

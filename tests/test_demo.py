@@ -54,5 +54,7 @@ def test_compare_pairs_rows_and_skips_failed(tmp_path):
     out = compare(a, b)
     assert [r["metric"] for r in out] == ["auroc", "auroc (shots=1)", "auroc (shots=2)"]
     head = headline(out)
-    assert head == {"tasks": 1, "wins": 0, "clear_wins": 0, "mean_pretrained": 0.9, "mean_random_init": 0.95}
+    assert head["linear_probe"] == {"tasks": 1, "wins": 0, "clear_wins": 0, "clear_losses": 0,
+                                    "mean_pretrained": 0.9, "mean_random_init": 0.95}
+    assert head["four_shot"]["tasks"] == 0 and head["beats_random_init"] is False
     assert comparison_plot(out, tmp_path / "cmp.png").stat().st_size > 1000

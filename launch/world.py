@@ -95,6 +95,10 @@ def worker_env(world: World, base: dict | None = None, cpus: int | None = None, 
     if not (has_cuda() if cuda is None else cuda):
         env.setdefault("DS_ACCELERATOR", "cpu")
     env.setdefault("PYTHONUNBUFFERED", "1")
+    # DeepSpeed 0.19.8 calls torch's deprecated all_gather_into_tensor / reduce_scatter_tensor every step; torch
+    # warns once per process per call site, which floods every rank's log without telling the user anything.
+    quiet = "ignore::FutureWarning:torch.distributed.c10d_logger"
+    env["PYTHONWARNINGS"] = ",".join(w for w in (env.get("PYTHONWARNINGS"), quiet) if w)
     return env
 
 

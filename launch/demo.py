@@ -181,7 +181,7 @@ def stage_pretrain(out: Path, corpus: dict, steps: int, nproc: int) -> Path:
     if done >= steps:
         _say(2, f"pretraining already finished ({done} steps) in {run_dir}; reusing it")
         return run_dir
-    _say(2, f"pretraining {steps} steps: MAE (image, volume, signal) + CLIP/SigLIP (each with text) + captioning, "
+    _say(2, f"pretraining {steps} steps: MAE (image, volume, ECG) + CLIP (each with its caption) + captioning, "
             f"DeepSpeed ZeRO-3, {nproc} processes" + (f", resuming from step {done}" if done > 0 else ""))
     _run([sys.executable, "-m", "medfm.launch.cli", "launch", str(cfg_path), "--nproc-per-node", str(nproc)],
          "pretraining")

@@ -47,14 +47,16 @@ def test_compare_pairs_rows_and_skips_failed(tmp_path):
     out = compare(a, b)
     assert out == [{"task": "t", "metric": "auroc", "pretrained": 0.9, "pretrained_ci": [0.8, 1.0],
                     "random_init": 0.6, "random_init_ci": [0.5, 0.7], "n": 10}]
-    few = [{**row, "task": "f_fewshot", "params": {"shots": k, "repeats": 5}, "value": 0.5 + k / 10} for k in (1, 2)]
+    few = [{**row, "task": "f_fewshot", "params": {"shots": k, "repeats": 5}, "value": 0.5 + k / 10} for k in (2, 4)]
     a = rep(tmp_path / "a2.json", [{**row, "task": "t_logistic"}, *few])
     b = rep(tmp_path / "b2.json", [{**row, "task": "t_logistic", "value": 0.95, "ci": [0.9, 1.0]},
                                    *[{**f, "value": 0.5} for f in few]])
     out = compare(a, b)
-    assert [r["metric"] for r in out] == ["auroc", "auroc (shots=1)", "auroc (shots=2)"]
+    assert [r["metric"] for r in out] == ["auroc", "auroc (shots=2)", "auroc (shots=4)"]
     head = headline(out)
     assert head["linear_probe"] == {"tasks": 1, "wins": 0, "clear_wins": 0, "clear_losses": 0,
                                     "mean_pretrained": 0.9, "mean_random_init": 0.95}
-    assert head["four_shot"]["tasks"] == 0 and head["beats_random_init"] is False
+    assert head["four_shot"] == {"tasks": 1, "wins": 1, "clear_wins": 0, "clear_losses": 0,
+                                 "mean_pretrained": 0.9, "mean_random_init": 0.5}
+    assert head["beats_random_init"] is True  # decided by the 4-shot probe, not the saturated full-label one
     assert comparison_plot(out, tmp_path / "cmp.png").stat().st_size > 1000

@@ -16,8 +16,13 @@ from typing import Literal
 import torch
 from torch import nn
 
-from medfm.model_zoo.attention import BACKENDS
-from medfm.model_zoo.layers import Block, init_weights_mae, run_blocks, whole_params
+from medfm.model_zoo.layers import (
+    check_encoder_config,
+    encoder_blocks,
+    init_weights_mae,
+    run_blocks,
+    whole_params,
+)
 from medfm.model_zoo.tower import Tower, masked_mean
 
 UNK_ID = 1
@@ -43,10 +48,7 @@ class EHRConfig:
             raise ValueError(f"vocab_size must be >= 2 (<pad>, <unk>), got {self.vocab_size}")
         if self.time_features % 2:
             raise ValueError(f"time_features must be even, got {self.time_features}")
-        if self.width % self.num_heads:
-            raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
-        if self.attn_backend not in BACKENDS:
-            raise ValueError(f"attn_backend: expected one of {list(BACKENDS)}, got {self.attn_backend!r}")
+        check_encoder_config(self)
 
 
 class EHRTransformer(Tower):
@@ -68,11 +70,7 @@ class EHRTransformer(Tower):
         half = cfg.time_features // 2
         periods = torch.logspace(math.log10(1.0 / 24.0), math.log10(36525.0), half, dtype=torch.float64)
         self.register_buffer("time_freqs", (2 * math.pi / periods).float(), persistent=False)
-        dpr = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
-        self.blocks = nn.ModuleList(
-            Block(cfg.width, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, dpr[i], cfg.layer_scale, cfg.attn_backend)
-            for i in range(cfg.depth)
-        )
+        self.blocks = encoder_blocks(cfg)
         self.norm = nn.LayerNorm(cfg.width, eps=1e-6)
         self.grad_checkpointing = cfg.grad_checkpointing
         init_weights_mae(self)

@@ -100,6 +100,25 @@ class Block(nn.Module):
         return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
 
 
+def check_encoder_config(cfg) -> None:
+    """The checks every transformer tower config shares (ValueError naming the field)."""
+    from medfm.model_zoo.attention import BACKENDS
+
+    if cfg.width % cfg.num_heads:
+        raise ValueError(f"width {cfg.width} is not divisible by num_heads {cfg.num_heads}")
+    if cfg.attn_backend not in BACKENDS:
+        raise ValueError(f"attn_backend: expected one of {list(BACKENDS)}, got {cfg.attn_backend!r}")
+
+
+def encoder_blocks(cfg) -> nn.ModuleList:
+    """``cfg.depth`` pre-norm blocks with stochastic depth rising linearly to ``cfg.drop_path`` (as in timm/MAE)."""
+    dpr = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+    return nn.ModuleList(
+        Block(cfg.width, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, dpr[i], cfg.layer_scale, cfg.attn_backend)
+        for i in range(cfg.depth)
+    )
+
+
 def run_blocks(
     blocks: nn.ModuleList,
     x: torch.Tensor,

@@ -16,8 +16,13 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from medfm.model_zoo.attention import BACKENDS
-from medfm.model_zoo.layers import Block, init_patch_proj, init_weights_mae, run_blocks
+from medfm.model_zoo.layers import (
+    check_encoder_config,
+    encoder_blocks,
+    init_patch_proj,
+    init_weights_mae,
+    run_blocks,
+)
 from medfm.model_zoo.masking import random_masking
 from medfm.model_zoo.posemb import sincos_grid
 from medfm.model_zoo.tower import Tower, masked_mean
@@ -42,10 +47,7 @@ class SignalConfig:
     def validate(self):
         if self.n_leads < 1 or self.patch_size < 1:
             raise ValueError("n_leads and patch_size must be positive")
-        if self.width % self.num_heads:
-            raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
-        if self.attn_backend not in BACKENDS:
-            raise ValueError(f"attn_backend: expected one of {list(BACKENDS)}, got {self.attn_backend!r}")
+        check_encoder_config(self)
 
 
 class SignalTransformer(Tower):
@@ -65,11 +67,7 @@ class SignalTransformer(Tower):
         self.patch_embed.proj = nn.Conv1d(cfg.n_leads, cfg.width, cfg.patch_size, stride=cfg.patch_size)
         self.lead_missing = nn.Parameter(torch.zeros(cfg.n_leads, cfg.width))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
-        dpr = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
-        self.blocks = nn.ModuleList(
-            Block(cfg.width, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, dpr[i], cfg.layer_scale, cfg.attn_backend)
-            for i in range(cfg.depth)
-        )
+        self.blocks = encoder_blocks(cfg)
         self.norm = nn.LayerNorm(cfg.width, eps=1e-6)
         self.grad_checkpointing = cfg.grad_checkpointing
         init_weights_mae(self)

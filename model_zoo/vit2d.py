@@ -10,8 +10,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from medfm.model_zoo.attention import BACKENDS
-from medfm.model_zoo.layers import Block, init_patch_proj, init_weights_mae, run_blocks
+from medfm.model_zoo.layers import check_encoder_config, encoder_blocks, init_patch_proj, init_weights_mae, run_blocks
 from medfm.model_zoo.masking import random_masking
 from medfm.model_zoo.posemb import interpolate_grid, sincos_grid
 from medfm.model_zoo.tower import Tower, masked_mean
@@ -39,12 +38,9 @@ class ViT2DConfig:
     def validate(self):
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
-        if self.width % self.num_heads:
-            raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
         if self.pool == "cls" and not self.class_token:
             raise ValueError("pool='cls' needs class_token=true")
-        if self.attn_backend not in BACKENDS:
-            raise ValueError(f"attn_backend: expected one of {list(BACKENDS)}, got {self.attn_backend!r}")
+        check_encoder_config(self)
 
 
 class ViT2D(Tower):
@@ -69,11 +65,7 @@ class ViT2D(Tower):
             self.pos_embed = nn.Parameter(torch.zeros(1, n, cfg.width))
         else:  # fixed, recomputed for any grid, so not part of the weights
             self.register_buffer("pos_embed", sincos_grid(cfg.width, self.grid)[None], persistent=False)
-        dpr = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
-        self.blocks = nn.ModuleList(
-            Block(cfg.width, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, dpr[i], cfg.layer_scale, cfg.attn_backend)
-            for i in range(cfg.depth)
-        )
+        self.blocks = encoder_blocks(cfg)
         self.norm = nn.LayerNorm(cfg.width, eps=1e-6)
         self.grad_checkpointing = cfg.grad_checkpointing
         self._init()

@@ -33,9 +33,10 @@ demo: $(STAMP)
 	$(BIN)/medfm demo --out runs/demo
 
 test: $(STAMP) $(PEERS_STAMP)
+	$(BIN)/ruff check .
 	DS_ACCELERATOR=cpu $(BIN)/python -m pytest -q tests
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(PEERS_STAMP)
 	DS_ACCELERATOR=cpu $(BIN)/python -m pytest -q -m "not slow" tests
 
 lint: $(STAMP)

@@ -40,9 +40,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """parse_args, except that dotted ``key=value`` overrides may also follow the flags
+    (``medfm launch cfg.yaml --nproc-per-node 2 train.steps=20``): argparse stops filling a positional list once
+    an option has appeared, so the leftovers are collected here when they all look like overrides."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     try:
         rc = args.func(args)
     except (ConfigError, UsageError) as exc:

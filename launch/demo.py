@@ -44,6 +44,13 @@ EVAL_TASKS = {
 FEWSHOT = {"shots": [1, 2, 4, 8], "repeats": 10}
 
 
+def _write_if_changed(path: Path, text: str) -> Path:
+    """Write only when the content differs, so a file's mtime says when its content last changed (stage reuse)."""
+    if not (path.is_file() and path.read_text() == text):
+        path.write_text(text)
+    return path
+
+
 def _say(stage: int, text: str) -> None:
     print(f"[demo {stage}/{STAGES}] {text}", flush=True)
 
@@ -197,8 +204,8 @@ def eval_suite(corpus: dict, out: Path) -> Path:
         prompts = None
         if t.get("prompts"):
             prompts = (out / f"prompts_{task_name}.yaml").resolve()
-            prompts.write_text(yaml.safe_dump({"templates": ["{}"],
-                                               "classes": {c: [t["prompts"][c]] for c in t["classes"]}}))
+            _write_if_changed(prompts, yaml.safe_dump({"templates": ["{}"],
+                                                       "classes": {c: [t["prompts"][c]] for c in t["classes"]}}))
         for proto in protocols:
             if proto in ("zeroshot", "retrieval") and prompts is None:
                 continue
@@ -210,9 +217,7 @@ def eval_suite(corpus: dict, out: Path) -> Path:
                 task["options"] = dict(FEWSHOT)
             tasks.append(task)
     suite = {"name": "demo", "n_boot": 500, "seed": 0, "batch_size": 64, "tasks": tasks}
-    path = out / "eval_suite.yaml"
-    path.write_text(yaml.safe_dump(suite, sort_keys=False))
-    return path
+    return _write_if_changed(out / "eval_suite.yaml", yaml.safe_dump(suite, sort_keys=False))
 
 
 def random_init_weights(cfg: dict, path: Path, seed: int = 0) -> Path:
@@ -237,7 +242,7 @@ def stage_eval(out: Path, corpus: dict, run_dir: Path) -> tuple[Path, Path]:
         dest = out / "eval" / label
         stamp = dest / "report.json"
         ckpt_mtime = (run_dir / "checkpoints" / "latest").stat().st_mtime
-        if stamp.is_file() and stamp.stat().st_mtime > max(ckpt_mtime, suite.stat().st_mtime - 1):
+        if stamp.is_file() and stamp.stat().st_mtime > max(ckpt_mtime, suite.stat().st_mtime):
             _say(3, f"{label}: reusing {stamp}")
             reports[label] = stamp
             continue

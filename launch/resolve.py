@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from medfm.schema import ConfigError, apply_overrides, read_yaml_mapping, to_dict
+from medfm.shards.manifest import ManifestError, load_manifest
 
 RUNS_ROOT = "runs"
 
@@ -53,6 +54,15 @@ def check_shards(cfg) -> None:
             raise ConfigError(f"data.sources[{i}].path: no shard directory at {p} (build one with `medfm shards build`)")
         if not (p / "manifest.json").is_file():
             raise ConfigError(f"data.sources[{i}].path: {p} has no manifest.json (not a medfm shard directory)")
+        try:
+            manifest = load_manifest(p)
+        except ManifestError as exc:
+            raise ConfigError(f"data.sources[{i}].path: {exc}") from None
+        split = cfg.data.split
+        have = manifest["totals"]["samples"] if split is None else manifest["totals"].get("splits", {}).get(split, 0)
+        if not have:
+            raise ConfigError(f"data.sources[{i}].path: {p} holds no {split or ''} samples (check `medfm shards "
+                              f"inspect {p}`)".replace("no  samples", "no samples"))
 
 
 def check_world(cfg, world_sizes) -> None:

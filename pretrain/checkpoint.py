@@ -131,7 +131,7 @@ class CheckpointManager:
         _write_json_atomic(path / "client" / f"rank{self.rank}.json", client)
         _barrier()  # every rank has finished writing
         if self.rank == 0:
-            (path / "COMPLETE").write_text(json.dumps({"world_size": self.world_size, "step": step}))
+            _write_json_atomic(path / "COMPLETE", {"world_size": self.world_size, "step": step})
             tmp = self.root / "latest.tmp"
             tmp.write_text(tag)
             os.replace(tmp, self.root / "latest")

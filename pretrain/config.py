@@ -173,7 +173,7 @@ class ReleaseConfig:
 @dataclass
 class RunConfig:
     name: str = "run"
-    run_dir: str = "runs/run"
+    run_dir: str = ""  # "" = runs/<name> (as `medfm launch` lays out run directories)
     data: LoaderConfig = field(default_factory=LoaderConfig)
     model: MultiModalConfig = field(default_factory=MultiModalConfig)
     objectives: list[ObjectiveConfig] = field(default_factory=list)
@@ -188,6 +188,8 @@ class RunConfig:
     def validate(self):
         if not self.name or "/" in self.name:
             raise ValueError(f"name must be a non-empty string without '/', got {self.name!r}")
+        if not self.run_dir:
+            self.run_dir = f"runs/{self.name}"
         if self.train.micro_batch == 0:
             self.train.micro_batch = self.data.batch_size
         elif self.train.micro_batch != self.data.batch_size:
@@ -231,5 +233,9 @@ class RunConfig:
 
 
 def load_run_config(path, overrides=()) -> RunConfig:
-    """YAML file + ``key=value`` overrides -> validated RunConfig (ConfigError, one line, on any problem)."""
-    return load_yaml(path, RunConfig, overrides)
+    """YAML file + ``key=value`` overrides -> validated RunConfig (ConfigError, one line naming the file)."""
+    try:
+        return load_yaml(path, RunConfig, overrides)
+    except ConfigError as exc:
+        msg = str(exc)
+        raise ConfigError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None

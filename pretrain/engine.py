@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import warnings
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -22,7 +23,10 @@ from medfm.pretrain.objectives import PretrainModule, build_objective, check_obj
 
 
 def setup_environment() -> None:
-    """CPU-only hosts: DeepSpeed's CPU accelerator, without the shm-comm op (a 35 s JIT build) — before import."""
+    """CPU-only hosts: DeepSpeed's CPU accelerator, without the shm-comm op (a 35 s JIT build) — before import.
+    Everywhere: DeepSpeed 0.19.8 calls torch's deprecated all_gather_into_tensor / reduce_scatter_tensor, and the
+    resulting FutureWarning, repeated per call site and rank, says nothing a user can act on."""
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed.c10d_logger")
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         try:

@@ -11,6 +11,7 @@ checkpoint kept.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -156,9 +157,17 @@ def run(cfg: RunConfig) -> RunResult:
     t = cfg.train
     t.check_world(world)
     run_dir = Path(cfg.run_dir)
+    earlier = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint.keep, rank, world).complete_tags()
+    if not cfg.checkpoint.resume and earlier:
+        # A fresh run would interleave its checkpoints with the old run's, prune by step number across both, and
+        # could move "latest" onto a pruned tag: refuse before anything is written.
+        raise ConfigError(f"run_dir {run_dir} already holds checkpoints ({', '.join(earlier[-2:])}) of an earlier "
+                          "run: pass checkpoint.resume=latest to continue it, or a new name/run_dir")
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        tmp = run_dir / f".config.yaml.{os.getpid()}.tmp"  # every restart reads this file: never leave it torn
+        tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        os.replace(tmp, run_dir / "config.yaml")
     engine = Engine(cfg, rank, world)
     loader = build_data(cfg, engine, rank, world)
     batches = _Batches(loader)

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from medfm.schema import ConfigError
 from medfm.shards.augment import AugmentConfig, augment_sample
 from medfm.shards.collate import CollateConfig, Tokenizer, collate
 from medfm.shards.corrupt import ReadError, ReplacementExhausted, SkipCounters, decode_or_reason
@@ -427,7 +428,12 @@ class ShardLoader:
         self.tokenizer = tokenizer
         reader = ShardReader()
         try:
-            self.sources = [resolve_source(s, config.split, reader) for s in config.sources]
+            self.sources = []
+            for i, s in enumerate(config.sources):
+                try:
+                    self.sources.append(resolve_source(s, config.split, reader))
+                except ManifestError as exc:  # a config problem (which source), not a crash: exit 2, one line
+                    raise ConfigError(f"data.sources[{i}].path: {exc}") from None
         finally:
             reader.close()
         self.plan_config = _infer_groups(config.plan, self.sources)

@@ -74,3 +74,17 @@ def test_bad_yaml_files(tmp_path):
     lst.write_text("- 1\n")
     with pytest.raises(ConfigError, match="expected a mapping at the top level"):
         load_yaml(lst, Run)
+
+
+def test_cli_overrides_may_follow_flags(capsys):
+    from medfm.launch.cli import build_parser, parse
+
+    parser = build_parser()
+    args = parse(parser, ["pretrain", "cfg.yaml", "a.b=1"])
+    assert args.overrides == ["a.b=1"]
+    args = parse(parser, ["eval", "ck", "--suite", "s.yaml", "n_boot=200", "seed=1"])
+    assert args.overrides == ["n_boot=200", "seed=1"] and args.suite == "s.yaml"
+    with pytest.raises(SystemExit) as exc:
+        parse(parser, ["eval", "ck", "--suite", "s.yaml", "stray"])
+    assert exc.value.code == 2
+    assert "unrecognized arguments: stray" in capsys.readouterr().err

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 from medfm.schema import ConfigError, apply_overrides, from_dict, load_yaml
 
@@ -65,7 +67,12 @@ def _build(args) -> int:
     cfg = _config(args)
     manifest = build(args.sources, args.out, cfg, progress=not args.quiet)
     if not manifest["totals"].get("samples"):
-        print("medfm shards build: no usable input (every source was skipped)", file=sys.stderr)
+        # Keep the record of why (skipped inputs by reason) but not as a shard set: an empty manifest.json would
+        # look like a valid dataset and make the next build demand --overwrite.
+        out = Path(args.out)
+        os.replace(out / "manifest.json", out / "failed-build.json")
+        print(f"medfm shards build: no usable input (every source was skipped; reasons in "
+              f"{out / 'failed-build.json'})", file=sys.stderr)
         return 1
     return 0
 

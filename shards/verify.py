@@ -57,6 +57,9 @@ def verify(directory, progress: bool = False) -> tuple[list[Problem], dict]:
         return [Problem("manifest.json", "", "bad_manifest", str(exc))], {}
     problems: list[Problem] = []
     stats = Counter()
+    if not manifest["shards"]:
+        problems.append(Problem("manifest.json", "", "empty", "the set holds no samples (every input was skipped; "
+                                "see manifest skipped_inputs)"))
     listed = {s["name"] for s in manifest["shards"]}
     for extra in sorted(p.name for p in directory.glob(f"{manifest.get('prefix', 'shard')}-*.tar*")):
         if extra not in listed:

@@ -7,9 +7,33 @@ Read-only and free of training code, so evals and release can load checkpoints w
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
+
+
+@contextlib.contextmanager
+def _weights_only_loads():
+    """DeepSpeed's zero_to_fp32 calls ``torch.load(..., weights_only=False)``: a checkpoint handed to ``medfm eval``
+    or ``medfm release`` could then run arbitrary code. Within this context every torch.load is forced to
+    ``weights_only=True`` with exactly the DeepSpeed types its partition files hold allowlisted, so a file that
+    needs anything else fails to load instead of executing it."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    original = torch.load
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    torch.load = load
+    try:
+        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler]):
+            yield
+    finally:
+        torch.load = original
 
 
 def latest_tag(checkpoint_dir) -> str:
@@ -25,7 +49,8 @@ def latest_tag(checkpoint_dir) -> str:
 def consolidate(checkpoint_dir, tag: str | None = None) -> dict[str, torch.Tensor]:
     """fp32 state dict of the PretrainModule in checkpoint ``tag`` (default: the latest complete one) — keys carry the
     ``model.`` prefix (see ``model_state_dict``). ZeRO-3 partitions are merged with DeepSpeed's zero_to_fp32 (exact
-    fp32 master weights); a DDP checkpoint is read directly. Never unpickles medfm's own files."""
+    fp32 master weights) with every torch.load forced to weights_only (see ``_weights_only_loads``); a DDP
+    checkpoint is safetensors, read directly."""
     root = Path(checkpoint_dir)
     if tag is None:
         tag = latest_tag(root)
@@ -36,7 +61,8 @@ def consolidate(checkpoint_dir, tag: str | None = None) -> dict[str, torch.Tenso
         return {k: v.float() for k, v in load_file(str(path / "model.safetensors")).items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return dict(get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag))
+    with _weights_only_loads():
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag))
 
 
 def model_state_dict(full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -189,10 +189,14 @@ def test_feature_cache_is_keyed_and_reused(model, data, tmp_path):
 @pytest.mark.slow
 def test_two_processes_match_one(state_dict_file, data, tmp_path):
     suite = _suite_file(tmp_path, data)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    # Without torchrun variables an earlier in-process world of one (e.g. a pretrain test) may have left behind.
+    dist_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {**{k: v for k, v in os.environ.items() if k not in dist_vars}, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT)}
     one, two = tmp_path / "one", tmp_path / "two"
     cmd = [sys.executable, "-m", "medfm.launch.cli", "eval", str(state_dict_file), "--suite", str(suite)]
-    subprocess.run(cmd + ["--out", str(one)], env=env, timeout=600, capture_output=True)
+    single = subprocess.run(cmd + ["--out", str(one)], env=env, timeout=600, capture_output=True, text=True)
+    assert single.returncode == 1, single.stderr[-3000:]  # the two deliberately failing tasks
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "medfm.launch.cli", "eval", str(state_dict_file), "--suite", str(suite), "--out",
                            str(two)], env=env, timeout=600, capture_output=True, text=True)

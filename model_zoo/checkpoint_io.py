@@ -15,7 +15,7 @@ import torch
 
 @contextlib.contextmanager
 def _weights_only_loads():
-    """DeepSpeed's zero_to_fp32 calls ``torch.load(..., weights_only=False)``: a checkpoint handed to ``medfm eval``
+    """DeepSpeed's zero_to_fp32 loads partitions with weights_only disabled: a checkpoint handed to ``medfm eval``
     or ``medfm release`` could then run arbitrary code. Within this context every torch.load is forced to
     ``weights_only=True`` with exactly the DeepSpeed types its partition files hold allowlisted, so a file that
     needs anything else fails to load instead of executing it."""

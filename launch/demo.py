@@ -455,7 +455,11 @@ def add_cli(sub) -> None:
     def _main(a):
         if a.steps < 1 or a.nproc < 1:
             raise ConfigError("--steps and --nproc must be >= 1")
-        run_demo(a.out, a.zoo, a.steps, a.nproc, a.workers, a.fresh)
+        try:
+            run_demo(a.out, a.zoo, a.steps, a.nproc, a.workers, a.fresh)
+        except RuntimeError as exc:  # a stage failed: say which in one line (its own output is above), exit 1
+            print(f"medfm demo: {exc}", file=sys.stderr)
+            return 1
         return 0
 
     p.set_defaults(func=_main)

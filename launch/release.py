@@ -123,7 +123,7 @@ def build_card(name: str, version: str, model, config: dict, client: dict, sourc
              "", "| tower | architecture | parameters |", "|---|---|---|"]
     for m, n in towers.items():
         spec = (mcfg.get("towers") or {}).get(m, {})
-        lines.append(f"| {m} | {spec.get('name', NOT_RECORDED)} | {n:,} |")
+        lines.append(f"| {m} | {spec.get('arch', NOT_RECORDED)} {spec.get('overrides') or ''} | {n:,} |")
     extra_heads = [k for k in ("mae_decoders", "caption_decoder", "heads") if getattr(model, k, None) is not None]
     lines += ["", f"Also in the weights: {', '.join(extra_heads)}.", "", "## Training data", ""]
     for s in sources:
@@ -133,10 +133,12 @@ def build_card(name: str, version: str, model, config: dict, client: dict, sourc
             tot = s["totals"]
             mods = ", ".join(f"{m} {c}" for m, c in (tot.get("modalities") or {}).items())
             splits = ", ".join(f"{k} {v}" for k, v in (tot.get("splits") or {}).items())
-            deid = s["deid"] or {}
+            deid = dict(s["deid"] or {})
+            applied, profile = deid.pop("applied", False), deid.pop("profile", None)
+            stamp = ", ".join(f"{k}: {v}" for k, v in deid.items()) or NOT_RECORDED
             lines += [f"  - samples {tot.get('samples', NOT_RECORDED)} ({splits}); modalities: {mods}",
-                      f"  - de-identification: {'APPLIED' if deid.get('applied') else 'NOT APPLIED'}; "
-                      f"profile: {deid.get('profile') or NOT_RECORDED}; stamp: `{deid.get('stamp', NOT_RECORDED)}`"
+                      f"  - de-identification: {'APPLIED' if applied else 'NOT APPLIED'}; "
+                      f"profile: {profile or NOT_RECORDED}; stamp: {stamp}"
                       + ("; **the shards are marked identifiable**" if s["identifiable"] else "")]
         else:
             lines.append("  - manifest not readable at release time (path moved); only its fingerprint is known")

@@ -50,7 +50,8 @@ def test_release_card_zoo_and_load_round_trip(trained, capsys):
     n_params = sum(p.numel() for p in model.parameters())
     manifest = json.loads((Path(shards) / "manifest.json").read_text())
     for fact in (f"{n_params:,}", "CC-BY-4.0", "unit tests only", "| toy | logistic | auroc | 0.7500 | [0.600, 0.900]",
-                 f"samples {manifest['totals']['samples']}", "Optimizer steps: 3", "strategy: ddp"):
+                 f"samples {manifest['totals']['samples']}", "Optimizer steps: 3", "strategy: ddp",
+                 "| image | vit2d_tiny_p16 ", f"de-identification: {'APPLIED' if manifest['deid']['applied'] else 'NOT'}"):
         assert fact in card, fact
     # the released weights are the checkpoint's, bit for bit
     ckpt = model_state_dict(consolidate(root / "run" / "checkpoints"))

@@ -9,6 +9,7 @@ from collections import Counter, defaultdict
 
 import numpy as np
 import pytest
+from conftest import require_real
 
 from medfm.schema import ConfigError
 from medfm.shards import realdata
@@ -19,11 +20,7 @@ from medfm.shards.preprocess import VolumePreprocess, preprocess_volume
 from medfm.shards.sample import decode_sample
 from medfm.shards.verify import iter_tar_samples, verify
 
-NEEDED = ["dicom_ct", "dicom_mr", "dicom_enhanced_ct", "dicom_enhanced_mr", "dicom_radiograph", "dicom_ecg",
-          "dicom_mr_series_dir", "nifti_anatomical", "nifti_mni152", "edf_generator", "ecg_mitbih",
-          "table_stanford_heart"]
-needs_real = pytest.mark.skipif(len(realdata.available(NEEDED)) < len(NEEDED),
-                                reason="real sample packages (the demo extra) not installed")
+needs_real = pytest.mark.usefixtures("demo_real_data")  # fails, never skips, without the demo extra
 SALT = "test-demo-corpus-salt"
 
 
@@ -178,9 +175,8 @@ def test_mr_range_is_a_fixed_scale_and_validated():
         VolumePreprocess(mr_range=(5.0, 5.0)).validate()
 
 
-@pytest.mark.skipif("nifti_anatomical" not in realdata.available() or "ecg_mitbih" not in realdata.available(),
-                    reason="real sample packages not installed")
 def test_index_rows_carry_labels_text_and_patient_for_nifti_and_wfdb(tmp_path):
+    require_real(["nifti_anatomical", "ecg_mitbih"])
     src = tmp_path / "src"
     src.mkdir()
     shutil.copy(realdata.require("nifti_anatomical"), src / "anat.nii")

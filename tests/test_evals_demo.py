@@ -13,15 +13,9 @@ import pytest
 import torch
 import yaml
 
-from medfm.shards import realdata
-
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "evals" / "demo.yaml"
-NEEDED = ["dicom_ct", "dicom_mr", "dicom_enhanced_ct", "dicom_enhanced_mr", "dicom_radiograph", "dicom_ecg",
-          "dicom_mr_series_dir", "nifti_anatomical", "nifti_mni152", "edf_generator", "ecg_mitbih",
-          "table_stanford_heart"]
-pytestmark = pytest.mark.skipif(len(realdata.available(NEEDED)) < len(NEEDED),
-                                reason="real sample packages (the demo extra) not installed")
+pytestmark = pytest.mark.usefixtures("demo_real_data")  # fails, never skips, without the demo extra
 
 
 @pytest.fixture(scope="module")

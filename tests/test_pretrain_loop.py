@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import io
 import json
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_pretrain_helpers import make_shards, run_config  # noqa: E402
+from test_shards_loader_helpers import _npy, _tar_bytes  # noqa: E402
 
 from medfm.pretrain import faults as faults_mod  # noqa: E402
 from medfm.pretrain.config import RunConfig  # noqa: E402
@@ -46,24 +45,13 @@ def _plant_bad_shard(out_dir: Path) -> None:
     """One extra shard with a garbage .npy sample and a wrong-shape sample, added to the manifest."""
     from medfm.shards.sample import encode_meta, make_meta
 
-    def npy(arr):
-        buf = io.BytesIO()
-        np.save(buf, arr, allow_pickle=False)
-        return buf.getvalue()
-
     img = {"image": {"photometric": "MONOCHROME2", "bits": 8, "shape": [16, 16, 1]}}
     members = []
-    for key, payload in (("badnpy", b"\x93NUMPYgarbage"), ("badshape", npy(np.zeros((16, 16), np.uint8)))):
+    for key, payload in (("badnpy", b"\x93NUMPYgarbage"), ("badshape", _npy(np.zeros((16, 16), np.uint8)))):
         meta = make_meta(patient_id="p" + key, study_id="s" + key, split="train", source={"format": "test"},
                          modalities=["image"], **img)
         members += [(f"{key}.meta.json", encode_meta(meta)), (f"{key}.image.npy", payload)]
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    data = buf.getvalue()
+    data = _tar_bytes(members)
     (out_dir / "zbad-000000.tar").write_bytes(data)
     manifest = json.loads((out_dir / "manifest.json").read_text())
     manifest["shards"].append({"name": "zbad-000000.tar", "samples": 2, "bytes": len(data),

@@ -10,6 +10,7 @@ import numpy as np
 import pydicom
 import pytest
 import webdataset as wds
+from conftest import require_real
 
 from medfm.launch.cli import main as medfm_main
 from medfm.shards import realdata
@@ -25,9 +26,15 @@ from medfm.shards.verify import iter_tar_samples, verify
 
 REAL = realdata.available()
 DICOM_FILES = ["dicom_ct", "dicom_mr", "dicom_ecg", "dicom_radiograph", "dicom_enhanced_mr"]
-needs = pytest.mark.skipif(not all(k in REAL for k in DICOM_FILES + ["nifti_anatomical", "edf_generator",
-                                                                     "ecg_mitbih", "table_stanford_heart"]),
-                           reason="real sample packages (pip install -e '.[dev]') not installed")
+NEEDED = DICOM_FILES + ["nifti_anatomical", "edf_generator", "ecg_mitbih", "table_stanford_heart"]
+
+
+@pytest.fixture
+def real_files():
+    require_real(NEEDED)
+
+
+needs = pytest.mark.usefixtures("real_files")  # fails, never skips, without the dev extra
 SALT = "test-salt-0123456789"
 
 
@@ -133,8 +140,7 @@ def _phi_values():
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    if not all(k in REAL for k in DICOM_FILES + ["nifti_anatomical", "edf_generator", "table_stanford_heart"]):
-        pytest.skip("real sample packages not installed")
+    require_real(NEEDED)
     src = tmp_path_factory.mktemp("src")
     realdata.write_mitbih_wfdb(src / "wfdb")
     realdata.stanford_heart_meds(src / "ehr" / "heart.csv", n_subjects=12)

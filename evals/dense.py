@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medfm.evals.data import SplitIndex, read_samples
+from medfm.evals.data import SplitIndex
+from medfm.evals.features import SplitDataset
 from medfm.evals.protocols.base import ProtocolError
 
 
@@ -78,22 +79,16 @@ def _spacing(sample, modality: str) -> list[float]:
     return [1.0] * dims
 
 
-class _PairDataset:
-    def __init__(self, index: SplitIndex, positions, mask_index: SplitIndex, mask_pos):
-        self.index, self.positions, self.mask_index, self.mask_pos = index, positions, mask_index, mask_pos
-        self._reader = None
+class _PairDataset(SplitDataset):
+    """Image samples with their label maps (same key, another shard directory)."""
 
-    def __len__(self):
-        return len(self.positions)
+    def __init__(self, index: SplitIndex, positions, mask_index: SplitIndex, mask_pos):
+        super().__init__(index, positions)
+        self.mask_index, self.mask_pos = mask_index, mask_pos
 
     def __getitem__(self, i):
-        from medfm.shards.stream import ShardReader
-
-        if self._reader is None:
-            self._reader = ShardReader()
-        img = read_samples(self.index, [int(self.positions[i])], self._reader)[0]
-        mask = read_samples(self.mask_index, [int(self.mask_pos[i])], self._reader)[0]
-        return int(self.positions[i]), img, mask
+        img = self.read(self.index, self.positions[i])
+        return int(self.positions[i]), img, self.read(self.mask_index, self.mask_pos[i])
 
 
 def join_masks(index: SplitIndex, mask_index: SplitIndex, positions) -> np.ndarray:

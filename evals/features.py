@@ -177,7 +177,7 @@ def _collate_config(model, modality: str, overrides: dict | None):
     return from_dict(CollateConfig, cfg, "collate")
 
 
-class _SplitDataset:
+class SplitDataset:
     """Map-style dataset of table positions; decoding happens in the DataLoader (per process)."""
 
     def __init__(self, index: SplitIndex, positions: np.ndarray):
@@ -187,12 +187,16 @@ class _SplitDataset:
     def __len__(self):
         return len(self.positions)
 
-    def __getitem__(self, i):
+    def read(self, index: SplitIndex, position) -> dict:
+        """One decoded sample; the ShardReader is opened lazily, once per DataLoader worker process."""
         from medfm.shards.stream import ShardReader
 
         if self._reader is None:
             self._reader = ShardReader()
-        return int(self.positions[i]), read_samples(self.index, [int(self.positions[i])], self._reader)[0]
+        return read_samples(index, [int(position)], self._reader)[0]
+
+    def __getitem__(self, i):
+        return int(self.positions[i]), self.read(self.index, self.positions[i])
 
 
 def cache_key(weights: str, index: SplitIndex, modality: str, collate_cfg, positions: np.ndarray,
@@ -276,7 +280,7 @@ def extract(model, model_hash: str, index: SplitIndex, modality: str, positions=
         out["positions"] = torch.tensor([p for p, _ in items], dtype=torch.long)
         return out
 
-    loader = DataLoader(_SplitDataset(index, positions), batch_size=opts.batch_size, shuffle=False,
+    loader = DataLoader(SplitDataset(index, positions), batch_size=opts.batch_size, shuffle=False,
                         collate_fn=collate_fn)
     loader = accelerator.prepare_data_loader(loader, device_placement=True)
     model = model.to(accelerator.device)

@@ -64,7 +64,7 @@ def generate_reports(model, index: SplitIndex, modality: str, positions, opts: G
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    from medfm.evals.features import _collate_config, _SplitDataset, get_accelerator
+    from medfm.evals.features import SplitDataset, _collate_config, get_accelerator
     from medfm.shards.collate import collate
     from medfm.shards.plan import StepPlan
 
@@ -93,7 +93,7 @@ def generate_reports(model, index: SplitIndex, modality: str, positions, opts: G
         return out
 
     accelerator = accelerator or get_accelerator()
-    loader = accelerator.prepare_data_loader(DataLoader(_SplitDataset(index, positions), batch_size=batch_size,
+    loader = accelerator.prepare_data_loader(DataLoader(SplitDataset(index, positions), batch_size=batch_size,
                                                         shuffle=False, collate_fn=collate_fn), device_placement=True)
     model = model.to(accelerator.device)
     ids_all, pos_all = [], []

@@ -62,10 +62,14 @@ def _config(args):
 
 
 def _build(args) -> int:
-    from medfm.shards.ingest import build
+    from medfm.shards.ingest import BuildError, build
 
     cfg = _config(args)
-    manifest = build(args.sources, args.out, cfg, progress=not args.quiet)
+    try:
+        manifest = build(args.sources, args.out, cfg, progress=not args.quiet)
+    except BuildError as exc:
+        print(f"medfm shards build: {exc}", file=sys.stderr)
+        return 1
     if not manifest["totals"].get("samples"):
         # Keep the record of why (skipped inputs by reason) but not as a shard set: an empty manifest.json would
         # look like a valid dataset and make the next build demand --overwrite.

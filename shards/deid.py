@@ -127,9 +127,34 @@ class Pseudonymizer:
         # 2.25.<decimal of 128-bit int> is the UUID-derived UID root of PS3.5 B.2: a valid UID, no registry needed.
         return "2.25." + str(int.from_bytes(self._mac("uid", raw_uid)[:16], "big"))
 
+    def path(self, rel: str) -> str:
+        """A source path made safe to show: every component replaced by a keyed pseudonym (folder and file names
+        of exports are often patient names, MRNs or accession numbers), the file extension and an index table's
+        ``#row`` suffix kept. The same folder gets the same pseudonym everywhere, so log lines still group."""
+        rel = str(rel).replace("\\", "/")
+        rel, hash_, row = rel.partition("#")
+        parts = [p for p in rel.split("/") if p not in ("", ".")]
+        out = []
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            ext = _extension(part) if last else ""
+            out.append(("f" if last else "d") + self.pseudonym("path", part)[:10] + ext)
+        return "/".join(out) + (hash_ + row if row.isdigit() else "")
+
     def date_shift_days(self, raw_patient: str) -> int:
         """Whole days in [-MAX_DATE_SHIFT_DAYS, -1]: always backwards so a shifted date never lands in the future."""
         return -1 - int.from_bytes(self._mac("dateshift", raw_patient)[:4], "big") % MAX_DATE_SHIFT_DAYS
+
+
+# Extensions a displayed path keeps (anything else could be part of a name: ``Doe.John``).
+SHOWN_EXTENSIONS = (".nii.gz", ".tar.gz", ".dcm", ".dicom", ".ima", ".nii", ".hea", ".dat", ".edf", ".bdf", ".csv",
+                    ".tsv", ".jsonl", ".ndjson", ".parquet", ".json", ".png", ".jpg", ".jpeg", ".bmp", ".tif",
+                    ".tiff", ".txt", ".xml", ".par", ".rec", ".mnc", ".mgz", ".hdr", ".img", ".gz", ".zip")
+
+
+def _extension(name: str) -> str:
+    low = name.lower()
+    return next((e for e in SHOWN_EXTENSIONS if low.endswith(e) and len(low) > len(e)), "")
 
 
 def shift_dicom_date(value: str, days: int) -> str:

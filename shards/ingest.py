@@ -31,6 +31,7 @@ from medfm.shards.preprocess import (
 )
 from medfm.shards.readers.base import ReadError, Record
 from medfm.shards.sample import Sample, SampleError, make_meta
+from medfm.shards.thirdparty_warnings import counted_warnings
 from medfm.shards.writer import DatasetWriter
 
 DICOM_EXT = (".dcm", ".dicom", ".ima")
@@ -101,73 +102,121 @@ def _rel(path: Path, root: Path) -> str:
         return path.name
 
 
-def discover(sources) -> tuple[list[Task], list[tuple[str, ReadError]]]:
-    """Files under ``sources`` -> tasks (sorted, deterministic) + inputs skipped at planning time."""
-    from medfm.shards.readers.dicom import plan_tasks
+@dataclass
+class Discovery:
+    """What planning found: tasks, inputs skipped at planning (rel, ReadError), and how every file is accounted."""
+
+    tasks: list[Task]
+    errors: list[tuple[str, ReadError]]
+    files: int = 0          # distinct input files found (resolved paths)
+    file_errors: int = 0    # of those, skipped at planning
+    companions: int = 0     # WFDB data/annotation files read through their .hea
+    indexed: int = 0        # files named by an index table (read through its row)
+
+    def __iter__(self):  # ``tasks, errors = discover(...)`` keeps working
+        return iter((self.tasks, self.errors))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__
+
+
+def discover(sources, display=None) -> Discovery:
+    """Files under ``sources`` -> tasks (sorted, deterministic) + inputs skipped at planning time.
+
+    Never raises for one input: an unreadable folder, a table that does not parse, a DICOM header that does not
+    parse all become planning skips. DICOMDIR indexes are followed: the files they reference join the inputs
+    (once, however many indexes and folders name them). ``display(rel)`` is what messages show of a path.
+    """
+    from medfm.shards.readers.dicom import dicomdir_references, plan_tasks
     from medfm.shards.readers.tables import read_table, table_kind
 
+    display = display or (lambda rel: rel)
     files: list[tuple[Path, Path]] = []
     errors: list[tuple[str, ReadError]] = []
     for src in sources:
         src = Path(src)
         if src.is_dir():
-            for dirpath, dirnames, names in os.walk(src):
+            def walk_error(exc, src=src):
+                rel = _rel(Path(exc.filename), src) if getattr(exc, "filename", None) else str(src)
+                errors.append((rel, ReadError("unreadable_dir", f"{display(rel)}: {exc.strerror or exc}")))
+
+            for dirpath, dirnames, names in os.walk(src, onerror=walk_error):
                 dirnames.sort()
                 files.extend((Path(dirpath) / n, src) for n in sorted(names) if not n.startswith("."))
         elif src.is_file():
             files.append((src, src.parent))
         else:
-            errors.append((str(src), ReadError("missing_file", f"{src}: no such file or directory")))
+            errors.append((str(src), ReadError("missing_file", "no such file or directory")))
+    n_source_errors = len(errors)
     seen, tasks, dicom, images, indexed = set(), [], [], [], set()
     roots: dict[Path, Path] = {}
-    for path, root in files:
+    companions = 0
+    i = 0
+    while i < len(files):
+        path, root = files[i]
+        i += 1
         rp = path.resolve()
         if rp in seen:
             continue
         seen.add(rp)
         roots[path] = root
-        name = path.name.lower()
         rel = _rel(path, root)
-        if name.endswith(DICOM_EXT) or (not Path(name).suffix and _has_dicm_preamble(path)):
-            dicom.append(path)
-        elif name.endswith(NIFTI_EXT):
-            tasks.append(Task("nifti", [path], rel))
-        elif name.endswith(".hea"):
-            tasks.append(Task("wfdb", [path], rel))
-        elif name.endswith((".edf", ".bdf")):
-            tasks.append(Task("edf", [path], rel))
-        elif name.endswith(TABLE_EXT):
-            try:
+        try:
+            name = path.name.lower()
+            if name.startswith("dicomdir") and (not Path(name).suffix or name.endswith(DICOM_EXT)):
+                # an index of a DICOM file-set: follow it, then record the index itself
+                refs = dicomdir_references(path)
+                files.extend((r, root) for r in refs)
+                errors.append((rel, ReadError("dicomdir_index", f"DICOMDIR index: {len(refs)} referenced files "
+                                              "followed")))
+            elif name.endswith(DICOM_EXT) or (not Path(name).suffix and _has_dicm_preamble(path)):
+                dicom.append(path)
+            elif name.endswith(NIFTI_EXT):
+                tasks.append(Task("nifti", [path], rel))
+            elif name.endswith(".hea"):
+                tasks.append(Task("wfdb", [path], rel))
+            elif name.endswith((".edf", ".bdf")):
+                tasks.append(Task("edf", [path], rel))
+            elif name.endswith(TABLE_EXT):
                 df = read_table(path)
-            except ReadError as exc:
-                errors.append((rel, exc))
-                continue
-            kind = table_kind(df.columns)
-            if kind is None:
-                errors.append((rel, ReadError("unknown_table", f"{rel}: columns {list(df.columns)[:8]} are neither "
-                                              "MEDS (subject_id, time, code) nor an image index (path)")))
-                continue
-            if kind == "image_index":
-                indexed.update((path.parent / str(p)).resolve() for p in df["path"].dropna())
-            tasks.append(Task(kind, [path], rel))
-        elif name.endswith(IMAGE_EXT):
-            images.append(path)
-        elif name.endswith(SIGNAL_COMPANIONS) and path.with_suffix(".hea").exists():
-            continue
-        elif _has_dicm_preamble(path):
-            dicom.append(path)
-        else:
-            errors.append((rel, ReadError("unsupported_format", f"{rel}: not a format medfm ingests")))
+                kind = table_kind(df.columns)
+                if kind is None:
+                    errors.append((rel, ReadError("unknown_table", f"{display(rel)}: {len(df.columns)} columns, "
+                                                  "neither MEDS (subject_id, time, code) nor an image index (path)")))
+                    continue
+                if kind == "image_index":
+                    indexed.update((path.parent / str(p)).resolve() for p in df["path"].dropna())
+                tasks.append(Task(kind, [path], rel))
+            elif name.endswith(IMAGE_EXT):
+                images.append(path)
+            elif name.endswith(SIGNAL_COMPANIONS) and path.with_suffix(".hea").exists():
+                companions += 1
+            elif _has_dicm_preamble(path):
+                dicom.append(path)
+            else:
+                errors.append((rel, ReadError("unsupported_format", "not a format medfm ingests")))
+        except ReadError as exc:
+            errors.append((rel, exc))
+        except Exception as exc:  # planning must never end the build on one file
+            errors.append((rel, ReadError("planning_error", _one_line(exc))))
+    n_indexed = 0
     for path in images:  # bare images not named by an index become image-only samples
         if path.resolve() not in indexed:
             tasks.append(Task("image", [path], _rel(path, roots[path])))
+        else:
+            n_indexed += 1
     # a volume / signal file named by an index row is ingested through that row (with its labels and text), once
-    tasks = [t for t in tasks if t.kind not in ("nifti", "wfdb", "edf") or t.paths[0].resolve() not in indexed]
-    dtasks, derrs = plan_tasks(dicom)
+    kept = [t for t in tasks if t.kind not in ("nifti", "wfdb", "edf") or t.paths[0].resolve() not in indexed]
+    n_indexed += len(tasks) - len(kept)
+    tasks = kept
+    dtasks, derrs = plan_tasks(dicom, display=lambda p: display(_rel(p, roots[p])))
     tasks.extend(Task("dicom", t, _rel(t[0], roots[t[0]])) for t in dtasks)
     errors.extend((_rel(p, roots[p]), e) for p, e in derrs)
     tasks.sort(key=lambda t: (t.kind, t.rel))
-    return tasks, errors
+    return Discovery(tasks, errors, files=len(seen), file_errors=len(errors) - n_source_errors,
+                     companions=companions, indexed=n_indexed)
 
 
 # --- worker side ---------------------------------------------------------------------------------------------
@@ -253,28 +302,33 @@ def _to_sample(rec: Record, cfg: IngestConfig, pseudo) -> Sample:
 
 
 def _process(task: Task):
-    """Worker entry: (rel, [Sample | (reason, message)], n_records). Never raises for bad input."""
+    """Worker entry: (task, [Sample | (reason, message)], warnings Counter). Never raises for bad input: every
+    exception while reading, de-identifying or preprocessing one input becomes a skip with a reason."""
     cfg, pseudo = _STATE["cfg"], _STATE["pseudo"]
-    out = []
-    try:
-        records = _read_task(task, cfg, pseudo)
-    except ReadError as exc:
-        return task, [(exc.reason, exc.message)]
-    except MemoryError:
-        return task, [("out_of_memory", f"{task.rel}: input too large to read")]
-    except Exception as exc:  # a reader bug or an exotic file must cost one input, not the build
-        return task, [("reader_error", f"{task.rel}: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")]
-    for rec in records:
-        if isinstance(rec, ReadError):
-            out.append((rec.reason, rec.message))
-            continue
+    out: list = []
+    warned: Counter = Counter()
+    with counted_warnings(warned):
         try:
-            out.append(_to_sample(rec, cfg, pseudo))
-        except PreprocessError as exc:
-            out.append((exc.reason, f"{rec.file}: {exc.message}"))
-        except (ValueError, FloatingPointError) as exc:
-            out.append(("preprocess_error", f"{rec.file}: {exc}"))
-    return task, out
+            records = _read_task(task, cfg, pseudo)
+        except ReadError as exc:
+            return task, [(exc.reason, exc.message)], warned
+        except MemoryError:
+            return task, [("out_of_memory", "input too large to read")], warned
+        except Exception as exc:  # a reader bug or an exotic file must cost one input, not the build
+            return task, [("reader_error", _one_line(exc))], warned
+        for rec in records:
+            if isinstance(rec, ReadError):
+                out.append((rec.reason, rec.message))
+                continue
+            try:
+                out.append(_to_sample(rec, cfg, pseudo))
+            except PreprocessError as exc:
+                out.append((exc.reason, exc.message))
+            except MemoryError:
+                out.append(("out_of_memory", "input too large to preprocess"))
+            except Exception as exc:
+                out.append(("preprocess_error", _one_line(exc)))
+    return task, out, warned
 
 
 # --- main process --------------------------------------------------------------------------------------------
@@ -297,12 +351,41 @@ def _ehr_array(events, vocab: _Vocab) -> np.ndarray:
     return arr
 
 
-def _redact(message: str, rel: str, file_id: str | None) -> str:
-    return message.replace(rel, file_id) if file_id else message
+class BuildError(RuntimeError):
+    """The build itself cannot go on (the output cannot be written); exit 1 with this one line."""
+
+
+def _redactor(task: Task, display):
+    """message -> message without the task's raw paths or folder/file names (each replaced by its pseudonym)."""
+    pairs: dict[str, str] = {}
+    for path in task.paths:
+        full = str(path)
+        rel = task.rel if path == task.paths[0] else None
+        if rel and full.endswith(rel):
+            pairs[full] = display(rel)
+            pairs[str(Path(full[: -len(rel)] or ".").resolve())] = "<source>"
+        pairs[str(Path(full).resolve())] = display(task.rel) if rel else "<file>"
+    parts = task.rel.replace("\\", "/").split("/")
+    pairs[task.rel] = display(task.rel)
+    for i, part in enumerate(parts):  # components alone too: readers quote file names
+        if len(part) >= 3:
+            pairs.setdefault(part, display("/".join(parts[: i + 1])).split("/")[-1])
+    order = sorted(pairs, key=len, reverse=True)
+
+    def redact(message: str) -> str:
+        for raw in order:
+            message = message.replace(raw, pairs[raw])
+        return scrub_text(message)
+
+    return redact
 
 
 def build(sources, out_dir, cfg: IngestConfig, progress: bool = True, log=None) -> dict:
-    """Build a shard directory; returns the manifest. Raises ConfigError for unusable settings (no salt, ...)."""
+    """Build a shard directory; returns the manifest.
+
+    Raises ConfigError for unusable settings (no salt, an existing output without overwrite) and BuildError when
+    the output cannot be written; nothing about one input ever stops it (see :func:`_process`, :func:`discover`).
+    """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     try:
         cfg.validate()
@@ -316,25 +399,33 @@ def build(sources, out_dir, cfg: IngestConfig, progress: bool = True, log=None) 
         except DeidError as exc:
             raise ConfigError(str(exc)) from None
     pseudo = Pseudonymizer(salt) if salt is not None else None
-    tasks, plan_errors = discover(sources)
+    display = pseudo.path if pseudo is not None else (lambda rel: rel)
+    warned: Counter = Counter()
+    with counted_warnings(warned):
+        disc = discover(sources, display)
+    tasks = disc.tasks
     try:
         writer = DatasetWriter(out_dir, cfg.prefix, cfg.max_samples, cfg.max_bytes, overwrite=cfg.overwrite)
     except FileExistsError as exc:
         raise ConfigError(f"{exc}; pass --overwrite to replace it") from None
+    except OSError as exc:
+        raise BuildError(f"cannot write to {out_dir}: {exc.strerror or exc}") from None
 
     def file_id(rel):
         return ("f" + pseudo.pseudonym("file", rel)[:16]) if pseudo else rel
 
-    def skip(rel, reason, message):
-        log(f"skip {rel}: {reason}: {message}")
-        writer.skip(file_id(rel), reason, _redact(message, rel, file_id(rel) if pseudo else None))
+    def skip(rel, reason, message, redact=None):
+        message = redact(message) if redact else (scrub_text(message) if pseudo else message)
+        log(f"skip {display(rel)}: {reason}: {message}")
+        writer.skip(display(rel), reason, message)
 
-    for rel, err in plan_errors:
-        skip(rel, err.reason, err.message)
+    for rel, err in disc.errors:
+        skip(rel, err.reason, err.message, _redactor(Task("planned", [Path(rel)], rel), display) if pseudo else None)
     vocab = _Vocab()
     per_study: Counter = Counter()
     formats: Counter = Counter()
     kinds: dict[str, int] = defaultdict(int)
+    files_written = files_skipped = 0
     try:
         from tqdm import tqdm
 
@@ -348,12 +439,15 @@ def build(sources, out_dir, cfg: IngestConfig, progress: bool = True, log=None) 
             _init_worker(cfg, salt)
             results = map(_process, tasks)
         try:
-            for task, outs in results:
+            for task, outs, task_warned in results:
                 bar.update(1)
+                warned.update(task_warned)
                 kinds[task.kind] += 1
+                redact = _redactor(task, display) if pseudo else None
+                wrote = False
                 for item in outs:
                     if isinstance(item, tuple):
-                        skip(task.rel, *item)
+                        skip(task.rel, *item, redact=redact)
                         continue
                     if isinstance(item.ehr, list):
                         item.ehr = _ehr_array(item.ehr, vocab)
@@ -363,9 +457,19 @@ def build(sources, out_dir, cfg: IngestConfig, progress: bool = True, log=None) 
                     try:
                         writer.add(item)
                     except SampleError as exc:
-                        skip(task.rel, exc.reason, exc.message)
+                        skip(task.rel, exc.reason, exc.message, redact=redact)
                         continue
+                    except OSError as exc:
+                        raise BuildError(f"cannot write to {out_dir}: {exc.strerror or exc}") from None
+                    except (ValueError, TypeError) as exc:
+                        skip(task.rel, "write_rejected", _one_line(exc), redact=redact)
+                        continue
+                    wrote = True
                     formats[item.meta["source"]["format"]] += 1
+                if wrote:
+                    files_written += len(task.paths)
+                else:
+                    files_skipped += len(task.paths)
         finally:
             bar.close()
             if pool is not None:
@@ -377,18 +481,27 @@ def build(sources, out_dir, cfg: IngestConfig, progress: bool = True, log=None) 
     cfg_dict = to_dict(cfg)
     if cfg_dict["deid"].get("salt"):
         cfg_dict["deid"]["salt"] = "<redacted>"
-    manifest = writer.close(
-        deid=stamp(cfg.deid, salt_source),
-        identifiable=not cfg.deid.enabled,
-        preprocessing=to_dict(cfg.preprocess),
-        vocabularies={"ehr": vocab.codes} if len(vocab.codes) > 2 else {},
-        split={"by": "sha256(seed, patient pseudonym)", "seed": cfg.seed,
-               "ratios": normalize_ratios(cfg.split_ratios)},
-        sources={"tasks": dict(sorted(kinds.items())), "samples_by_format": dict(sorted(formats.items())),
-                 "skipped_at_planning": len(plan_errors)},
-        config=cfg_dict,
-    )
+    inputs = {"files": disc.files, "written": files_written, "skipped": files_skipped + disc.file_errors,
+              "companion": disc.companions, "indexed": disc.indexed}
+    try:
+        manifest = writer.close(
+            deid=stamp(cfg.deid, salt_source),
+            identifiable=not cfg.deid.enabled,
+            preprocessing=to_dict(cfg.preprocess),
+            vocabularies={"ehr": vocab.codes} if len(vocab.codes) > 2 else {},
+            split={"by": "sha256(seed, patient pseudonym)", "seed": cfg.seed,
+                   "ratios": normalize_ratios(cfg.split_ratios)},
+            sources={"tasks": dict(sorted(kinds.items())), "samples_by_format": dict(sorted(formats.items())),
+                     "skipped_at_planning": len(disc.errors), "inputs": inputs},
+            warnings=dict(sorted(warned.items())),
+            config=cfg_dict,
+        )
+    except OSError as exc:
+        raise BuildError(f"cannot write the manifest in {out_dir}: {exc.strerror or exc}") from None
     t = manifest["totals"]
-    log(f"wrote {t['samples']} samples in {len(manifest['shards'])} shards to {out_dir} "
-        f"({sum(manifest['skipped'].values())} inputs skipped)")
+    log(f"wrote {t['samples']} samples in {len(manifest['shards'])} shards to {out_dir}; inputs: "
+        + ", ".join(f"{k} {v}" for k, v in inputs.items())
+        + f"; skipped by reason: {manifest['skipped']}"
+        + (f"; {sum(warned.values())} third-party warnings of {len(warned)} kinds (manifest 'warnings')"
+           if warned else ""))
     return manifest

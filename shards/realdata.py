@@ -147,3 +147,50 @@ def stanford_heart_meds(out_path, n_subjects: int | None = None) -> Path:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out.to_csv(out_path, index=False)
     return out_path
+
+
+# --- a "messy hospital export" made of every test file the reader packages ship ----------------------------------
+# (package import name, folder inside the package) whose whole tree is copied, sub-folders kept intact so that
+# DICOMDIRs still point at their files.
+EXPORT_TREES = (("pydicom", ("data", "test_files")), ("data_store", ("data",)), ("nibabel", ("tests", "data")))
+# Folder names like a PACS export's: patient names and MRNs (they must never reach logs, skip records or manifests).
+EXPORT_PATIENTS = ("DOE^JOHN_MRN0042137", "SMITH^MARY_88231X", "O'BRIEN^PAT_7731", "Zhang Wei 19510314")
+EXPORT_STUDIES = ("2019-03-14_CT_CHEST", "20200101_MR_BRAIN", "Acc Z99812")
+
+
+def export_trees() -> list[tuple[str, Path]]:
+    """(package name, folder) of every installed package test-data tree :func:`write_messy_export` copies."""
+    out = []
+    for import_name, parts in EXPORT_TREES:
+        base = _package_dir(import_name)
+        if base is not None and base.joinpath(*parts).is_dir():
+            out.append((import_name, base.joinpath(*parts)))
+    return out
+
+
+def write_messy_export(out_dir) -> list[Path]:
+    """Copy every file of the packages' test-data folders into ``out_dir/<patient>/<study>/<package>/...``.
+
+    The top-level entry of each tree (a file or a sub-folder, e.g. pydicom's ``dicomdirtests``) decides its
+    patient/study folder by a stable round-robin, so the layout is the same on every machine. Returns the files.
+    """
+    import shutil
+
+    out_dir = Path(out_dir)
+    written: list[Path] = []
+    i = 0
+    for import_name, tree in export_trees():
+        for top in sorted(tree.iterdir()):
+            if top.name in ("__pycache__",) or top.name.startswith("."):
+                continue
+            dest = out_dir / EXPORT_PATIENTS[i % len(EXPORT_PATIENTS)] / EXPORT_STUDIES[i % len(EXPORT_STUDIES)] \
+                / import_name / top.name
+            i += 1
+            if top.is_dir():
+                shutil.copytree(top, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+                written.extend(p for p in sorted(dest.rglob("*")) if p.is_file())
+            else:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(top, dest)
+                written.append(dest)
+    return written

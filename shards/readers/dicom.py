@@ -34,24 +34,72 @@ def _read(path, stop_before_pixels=False):
         raise ReadError("bad_dicom", f"{exc.__class__.__name__}: {exc}") from None
 
 
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
+
+
+def _int_field(ds, keyword: str, default: int) -> int:
+    """An integer header field; a malformed one is a clear skip (which field, what was expected), not a crash."""
+    v = ds.get(keyword)
+    if v is None or v == "":
+        return default
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        raise ReadError("bad_header", f"{keyword}: expected an integer") from None
+
+
+def is_dicomdir(ds) -> bool:
+    meta = getattr(ds, "file_meta", None)
+    sop = str(meta.get("MediaStorageSOPClassUID", "")) if meta is not None else ""
+    return sop == DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds
+
+
 def header_summary(path) -> dict:
     """Cheap header read used by ingest to group single-frame slices into series (no pixel data loaded)."""
     ds = _read(path, stop_before_pixels=True)
+    if is_dicomdir(ds):
+        return {"dicomdir": True}
     iop = ds.get("ImageOrientationPatient")
+    try:
+        orientation = tuple(round(float(v), 4) for v in iop) if iop is not None and len(iop) == 6 else None
+    except (TypeError, ValueError):
+        raise ReadError("bad_header", "ImageOrientationPatient: expected 6 numbers") from None
     return {
+        "dicomdir": False,
         "modality": str(ds.get("Modality", "")).upper(),
         "series": str(ds.get("SeriesInstanceUID", "")),
-        "frames": int(ds.get("NumberOfFrames", 1) or 1),
+        "frames": _int_field(ds, "NumberOfFrames", 1) or 1,
         "waveform": "WaveformSequence" in ds,
-        "shape": (int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)),
-        "orientation": tuple(round(float(v), 4) for v in iop) if iop is not None and len(iop) == 6 else None,
+        "shape": (_int_field(ds, "Rows", 0), _int_field(ds, "Columns", 0)),
+        "orientation": orientation,
         "has_position": ds.get("ImagePositionPatient") is not None,
         "instance": str(ds.get("SOPInstanceUID", "")),
     }
 
 
-def plan_tasks(paths: list[Path]) -> tuple[list[list[Path]], list[tuple[Path, ReadError]]]:
-    """Group DICOM files into tasks: one per parallel-slice series, one per other file. Returns (tasks, errors)."""
+def dicomdir_references(path: Path) -> list[Path]:
+    """The files a DICOMDIR references (existing ones, in record order); raises ReadError for a broken index."""
+    from pydicom.fileset import FileSet
+
+    ds = _read(path)
+    if not is_dicomdir(ds):
+        raise ReadError("not_dicomdir", "not a DICOMDIR (no Media Storage Directory SOP class)")
+    try:
+        fs = FileSet(ds)
+        refs = [Path(inst.path) for inst in fs]
+    except Exception as exc:
+        raise ReadError("bad_dicomdir", f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") \
+            from None
+    return [p for p in refs if p.is_file()]
+
+
+def plan_tasks(paths: list[Path], display=str) -> tuple[list[list[Path]], list[tuple[Path, ReadError]]]:
+    """Group DICOM files into tasks: one per parallel-slice series, one per other file. Returns (tasks, errors).
+
+    Every exception while reading one header costs that file (``bad_header``), never the plan. A DICOMDIR is an
+    index, not an image: its referenced files are ingested on their own (ingest follows them), the index itself is
+    recorded as ``dicomdir_index``. ``display`` turns a path into what messages may show (pseudonymised).
+    """
     groups: dict[tuple, list[Path]] = defaultdict(list)
     tasks, errors = [], []
     seen: dict[str, Path] = {}
@@ -61,8 +109,17 @@ def plan_tasks(paths: list[Path]) -> tuple[list[list[Path]], list[tuple[Path, Re
         except ReadError as exc:
             errors.append((p, exc))
             continue
+        except Exception as exc:  # any malformed header: one skipped file
+            errors.append((p, ReadError("bad_header", f"{exc.__class__.__name__}: "
+                                        f"{str(exc).splitlines()[0] if str(exc) else ''}")))
+            continue
+        if h["dicomdir"]:
+            errors.append((p, ReadError("dicomdir_index", "DICOMDIR index (its referenced files are ingested "
+                                        "as files)")))
+            continue
         if h["instance"] and h["instance"] in seen:  # same SOP instance twice (copies, re-encodings)
-            errors.append((p, ReadError("duplicate_instance", f"same SOPInstanceUID as {seen[h['instance']].name}")))
+            errors.append((p, ReadError("duplicate_instance",
+                                        f"same SOPInstanceUID as {display(seen[h['instance']])}")))
             continue
         seen[h["instance"]] = p
         stackable = (h["modality"] in VOLUME_MODALITIES and h["frames"] == 1 and not h["waveform"]
@@ -120,7 +177,11 @@ def read_dicom(paths: list[Path], rel: str, pseudo: Pseudonymizer | None, deid: 
             patient, study = pt, st or Path(p).stem
         terms.extend(tm)
         if deid.enabled and pseudo is not None:
-            deidentify_dicom(ds, pseudo, pt, deid)
+            try:
+                deidentify_dicom(ds, pseudo, pt, deid)
+            except Exception as exc:  # a value the profile cannot rewrite: the file is not used at all
+                raise ReadError("deid_error", f"{exc.__class__.__name__}: "
+                                f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
         datasets.append(ds)
     ds0 = datasets[0]
     base = dict(format="dicom", file=rel, patient=patient, study=study, phi_terms=sorted(set(terms)), info=_info(ds0))
@@ -128,7 +189,7 @@ def read_dicom(paths: list[Path], rel: str, pseudo: Pseudonymizer | None, deid: 
     if "WaveformSequence" in ds0:
         return [_waveform(ds0, base, rel)]
     if modality in VOLUME_MODALITIES:
-        if len(datasets) == 1 and int(ds0.get("NumberOfFrames", 1) or 1) > 1:
+        if len(datasets) == 1 and _int_field(ds0, "NumberOfFrames", 1) > 1:
             return [_multiframe_volume(ds0, base, rel)]
         return [_series_volume(datasets, base, rel)]
     if modality in IMAGE_MODALITIES or ("PixelData" in ds0 and modality not in ("SEG", "RTDOSE", "RTSTRUCT", "SR")):
@@ -182,7 +243,7 @@ def _first(seq_item, seq_name, attr):
 def _multiframe_volume(ds, base, rel) -> Record:
     """Enhanced (multi-frame) CT/MR: geometry and rescale from the shared / per-frame functional groups."""
     frames = _pixels(ds, rel)
-    n = int(ds.NumberOfFrames)
+    n = _int_field(ds, "NumberOfFrames", 1)
     if frames.ndim == 2:
         frames = frames[None]
     if frames.ndim != 3 or frames.shape[0] != n:
@@ -224,7 +285,7 @@ def _multiframe_volume(ds, base, rel) -> Record:
 def _image(ds, base, rel) -> Record:
     px = _pixels(ds, rel)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+    if _int_field(ds, "NumberOfFrames", 1) > 1:
         px = px[len(px) // 2]  # a 2D cine/multi-frame image: keep the middle frame as the representative image
     if photometric in ("MONOCHROME1", "MONOCHROME2"):
         if px.ndim != 2:
@@ -243,12 +304,14 @@ def _image(ds, base, rel) -> Record:
         meta = {"photometric_source": photometric, "window": window, "channels": 1}
         img = img[..., None]
     else:
+        if photometric == "PALETTE COLOR" and px.ndim == 2:
+            from pydicom.pixels import apply_color_lut
+
+            px = apply_color_lut(px, ds)
         if px.ndim != 3 or px.shape[-1] != 3:
             raise ReadError("bad_shape", f"{rel}: colour image with shape {px.shape}")
-        if photometric.startswith("YBR"):
-            from pydicom.pixels import convert_color_space
-
-            px = convert_color_space(px, photometric, "RGB")
+        # pydicom >= 3 returns YBR_FULL/_422/ICT/RCT already converted to RGB (pixel_array's as_rgb=True):
+        # converting again would be a second, wrong colour transform.
         img = px
         meta = {"photometric_source": photometric, "window": None, "channels": 3}
     ps = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")

@@ -29,8 +29,6 @@ PACKAGES, PACKAGE_DIRS = _packages()
 # Real medical files that ship inside PyPI packages: they prove every reader and feed the demo.
 REAL_DATA = [
     "pydicom-data",
-    "pylibjpeg",
-    "pylibjpeg-libjpeg",
     "nilearn",
     "pyedflib",
     "wfdb",
@@ -61,6 +59,12 @@ setup(
         "numpy>=1.24",
         "scipy>=1.10",
         "pydicom>=3.0",
+        # DICOM pixel decoders (JPEG baseline/lossless, JPEG-LS, JPEG 2000, RLE), chosen by measured speed and
+        # licence in docs/notes/shards-ingest.md; 12-bit JPEG Extended needs the GPLv3 extra "jpeg-gpl".
+        "python-gdcm>=3.0.24",
+        "pylibjpeg>=2.0",
+        "pylibjpeg-openjpeg>=2.3",
+        "pylibjpeg-rle>=2.0",
         "nibabel>=5",
         "wfdb>=4.1",
         "pyedflib>=0.1.38",
@@ -73,7 +77,9 @@ setup(
         "pillow>=10",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "bashlex>=0.18", "monai>=1.3"] + REAL_DATA,
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "bashlex>=0.18", "monai>=1.3"] + REAL_DATA
+        + ["pylibjpeg-libjpeg>=2.1"],
+        "jpeg-gpl": ["pylibjpeg-libjpeg>=2.1"],  # GPLv3: the only decoder of 12-bit JPEG Extended
         "demo": REAL_DATA,
         "gpu": ["flash-attn", "xformers"],
     },

@@ -31,7 +31,7 @@ from medfm.shards.preprocess import (
 )
 from medfm.shards.readers.base import ReadError, Record
 from medfm.shards.sample import Sample, SampleError, make_meta
-from medfm.shards.thirdparty_warnings import counted_warnings
+from medfm.shards.thirdparty_warnings import counted_native_stderr, counted_warnings
 from medfm.shards.writer import DatasetWriter
 
 DICOM_EXT = (".dcm", ".dicom", ".ima")
@@ -50,6 +50,16 @@ class EhrConfig:
 
 
 @dataclass
+class BurnedInConfig:
+    """DICOM objects of modalities that often carry burned-in text (names, dates, MRNs in the pixels: ultrasound,
+    secondary captures, screenshots, angiography) are skipped as ``burned_in_annotation`` unless the header says
+    ``BurnedInAnnotation: NO`` or ``allow`` is set (for sources whose pixels were scrubbed upstream)."""
+
+    allow: bool = False
+    modalities: list[str] = field(default_factory=lambda: ["US", "SC", "OT", "XA", "XC", "ES", "GM", "DOC"])
+
+
+@dataclass
 class IngestConfig:
     prefix: str = "shard"
     max_samples: int = 1000            # per shard
@@ -63,6 +73,7 @@ class IngestConfig:
     deid: DeidConfig = field(default_factory=DeidConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     ehr: EhrConfig = field(default_factory=EhrConfig)
+    burned_in: BurnedInConfig = field(default_factory=BurnedInConfig)
 
     def validate(self):
         if self.max_samples < 1 or self.max_bytes < 4096:
@@ -235,7 +246,8 @@ def _read_task(task: Task, cfg: IngestConfig, pseudo) -> list:
     from medfm.shards.readers.tables import read_image_file, read_image_index, read_meds
 
     if task.kind == "dicom":
-        return read_dicom(task.paths, task.rel, pseudo, cfg.deid)
+        return read_dicom(task.paths, task.rel, pseudo, cfg.deid,
+                          burned_in=None if cfg.burned_in.allow else tuple(cfg.burned_in.modalities))
     if task.kind == "nifti":
         return read_nifti(task.paths[0], task.rel, cfg.nifti_modality)
     if task.kind == "wfdb":
@@ -307,7 +319,7 @@ def _process(task: Task):
     cfg, pseudo = _STATE["cfg"], _STATE["pseudo"]
     out: list = []
     warned: Counter = Counter()
-    with counted_warnings(warned):
+    with counted_warnings(warned), counted_native_stderr(warned):
         try:
             records = _read_task(task, cfg, pseudo)
         except ReadError as exc:

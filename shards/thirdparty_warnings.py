@@ -11,7 +11,10 @@ message, because a header value quoted in a warning may be identifying (a name i
 from __future__ import annotations
 
 import logging
+import os
 import re
+import sys
+import tempfile
 import warnings
 from collections import Counter
 from contextlib import contextmanager
@@ -69,3 +72,35 @@ def counted_warnings(counter: Counter):
     finally:
         for lg, prop, handlers in saved:
             lg.propagate, lg.handlers = prop, handlers
+
+
+@contextmanager
+def counted_native_stderr(counter: Counter):
+    """Count lines that C libraries (openjpeg inside gdcm, libjpeg) print straight to file descriptor 2.
+
+    Python's warning machinery never sees those; left alone they print once per bad file. The descriptor is
+    pointed at a temporary file for the duration (worker processes are single-threaded while they decode) and each
+    line becomes a ``native:stderr`` kind.
+    """
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable fd 2 (embedded interpreters): nothing to capture
+        yield counter
+        return
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield counter
+        finally:
+            try:
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            for line in tmp.read().decode("utf-8", "replace").splitlines():
+                if line.strip():
+                    words = _TOKEN.findall(_QUOTED.sub(" ", line))[:MAX_KIND_WORDS]
+                    counter["native:stderr: " + " ".join(words)] += 1

@@ -46,7 +46,8 @@ def test_whole_export_builds_accounts_for_every_input_and_verifies(export_build,
     inputs = manifest["sources"]["inputs"]
     assert inputs["files"] == len(files)
     assert inputs["written"] + inputs["skipped"] + inputs["companion"] + inputs["indexed"] == len(files), inputs
-    assert inputs["written"] > 50 and manifest["totals"]["samples"] > 50
+    assert inputs["written"] > 40 and manifest["totals"]["samples"] > 40
+    assert manifest["skipped"].get("burned_in_annotation", 0) >= 10  # US, SC, OT not marked BurnedInAnnotation NO
     # every skip has a reason and exactly one log line
     skipped = manifest["skipped"]
     assert sum(skipped.values()) == len(manifest["skipped_inputs"]) == cap.err.count("\nskip ") + \
@@ -65,6 +66,7 @@ def test_whole_export_builds_accounts_for_every_input_and_verifies(export_build,
     # third-party warnings: counted per kind, never printed per file
     assert manifest["warnings"] and any(k.startswith("pydicom:") for k in manifest["warnings"])
     assert "UserWarning" not in cap.err and "warn_and_log" not in cap.err
+    assert "Invalid number of tiles" not in cap.err  # openjpeg prints from C: counted as native:stderr
     # no raw folder name (patient names, MRNs, accession numbers) in logs, skip records or manifest
     text = cap.err + cap.out + (out / "manifest.json").read_text()
     for folder in realdata.EXPORT_PATIENTS + realdata.EXPORT_STUDIES:

@@ -3,7 +3,7 @@
 Every file is de-identified (shards/deid.py) right after it is read and before any field is looked at, so no meta
 value can come from an identifying attribute. Pixel values are converted exactly as the standard says:
 stored value x RescaleSlope + RescaleIntercept (per frame for enhanced objects), MONOCHROME1 inverted.
-Compressed transfer syntaxes decode through pydicom's pixel handlers (pylibjpeg installed by medfm); when no
+Compressed transfer syntaxes decode through pydicom's plugins (gdcm, pylibjpeg-openjpeg/-rle, Pillow: core dependencies; libjpeg for 12-bit JPEG via medfm[jpeg-gpl]), in the order of :data:`_PLUGIN_ORDER`; when no
 handler can decode one the file is skipped with reason ``unsupported_transfer_syntax``.
 """
 
@@ -141,16 +141,56 @@ def _ids_and_terms(ds) -> tuple[str, str, list[str]]:
     return patient, study, terms
 
 
+# Decoder plugin order per transfer syntax, fastest first as measured by benchmarks/decoders.py (the choice and the
+# licences are in docs/notes/shards-ingest.md). A plugin that fails on a file hands it to the next one.
+_PLUGIN_ORDER = {
+    "JPEGBaseline8Bit": ("pillow", "gdcm", "pylibjpeg"),
+    "JPEGExtended12Bit": ("pylibjpeg", "gdcm", "pillow"),  # 12-bit: only libjpeg (extra medfm[jpeg-gpl])
+    "JPEGLossless": ("gdcm", "pylibjpeg"), "JPEGLosslessSV1": ("gdcm", "pylibjpeg"),
+    "JPEGLSLossless": ("gdcm", "pylibjpeg"), "JPEGLSNearLossless": ("gdcm", "pylibjpeg"),
+    "JPEG2000Lossless": ("pylibjpeg", "gdcm", "pillow"), "JPEG2000": ("pylibjpeg", "pillow", "gdcm"),
+    "JPEG2000MCLossless": ("pylibjpeg", "gdcm", "pillow"), "JPEG2000MC": ("pylibjpeg", "pillow", "gdcm"),
+    "RLELossless": ("pylibjpeg", "pydicom"),
+}
+
+
+def decoder_plugins(ts) -> list[str]:
+    """Available decoding plugins for transfer syntax ``ts`` in medfm's order ([] = uncompressed / unknown)."""
+    import pydicom.uid as uids
+    from pydicom.pixels import get_decoder
+
+    try:
+        available = set(get_decoder(ts).available_plugins)
+    except Exception:
+        return []
+    order = next((o for k, o in _PLUGIN_ORDER.items() if getattr(uids, k, None) == ts), ())
+    return [p for p in order if p in available] + sorted(available - set(order))
+
+
 def _pixels(ds, where: str) -> np.ndarray:
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise ReadError("no_pixel_data", f"{where}: no PixelData")
-    try:
-        return ds.pixel_array
-    except NotImplementedError as exc:
-        raise ReadError("unsupported_transfer_syntax", f"{where}: {ds.file_meta.TransferSyntaxUID.name}: "
-                        f"{str(exc).splitlines()[0]}") from None
-    except Exception as exc:
-        raise ReadError("bad_pixel_data", f"{where}: {exc.__class__.__name__}: {str(exc).splitlines()[0]}") from None
+    meta = getattr(ds, "file_meta", None)
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    plugins = decoder_plugins(ts) if ts is not None and getattr(ts, "is_compressed", False) else []
+    errors = []
+    for plugin in plugins or [""]:
+        try:
+            ds.pixel_array_options(decoding_plugin=plugin)
+            return ds.pixel_array
+        except NotImplementedError as exc:
+            errors.append(f"{plugin or 'pydicom'}: {str(exc).splitlines()[0]}")
+            if not plugins:
+                raise ReadError("unsupported_transfer_syntax", f"{where}: {ts.name if ts else '?'}: "
+                                f"{errors[-1]}") from None
+        except Exception as exc:
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            last = lines[-1] if lines else exc.__class__.__name__
+            errors.append(last if last.startswith(f"{plugin}:") else f"{plugin or 'pydicom'}: {last}")
+    if plugins and all("does not support" in e for e in errors):
+        raise ReadError("unsupported_transfer_syntax", f"{where}: {ts.name}: no installed decoder supports it "
+                        f"({'; '.join(errors)[:300]})")
+    raise ReadError("bad_pixel_data", f"{where}: {'; '.join(errors)[:300]}")
 
 
 def _rescale(arr: np.ndarray, slope, intercept) -> np.ndarray:
@@ -165,13 +205,28 @@ def _info(ds) -> dict:
             "manufacturer": str(ds.get("Manufacturer", "") or "")}
 
 
-def read_dicom(paths: list[Path], rel: str, pseudo: Pseudonymizer | None, deid: DeidConfig) -> list[Record]:
-    """Read one task (a file or a parallel-slice series) into records."""
+def burned_in_risk(ds, modalities) -> bool:
+    """True when ``ds`` may carry burned-in text: a listed modality or a secondary capture / screenshot SOP class,
+    and the header does not state ``BurnedInAnnotation: NO``."""
+    if str(ds.get("BurnedInAnnotation", "") or "").strip().upper() == "NO":
+        return False
+    sop = str(getattr(ds.get("SOPClassUID"), "name", "") or "")
+    return (str(ds.get("Modality", "")).upper() in modalities or "Secondary Capture" in sop
+            or "Screen" in sop or str(ds.get("BurnedInAnnotation", "")).strip().upper() == "YES")
+
+
+def read_dicom(paths: list[Path], rel: str, pseudo: Pseudonymizer | None, deid: DeidConfig,
+               burned_in: tuple[str, ...] | None = None) -> list[Record]:
+    """Read one task (a file or a parallel-slice series) into records. ``burned_in``: modalities whose pixels are
+    not ingested unless marked ``BurnedInAnnotation: NO`` (None = allow every object)."""
     datasets = []
     patient = study = None
     terms: list[str] = []
     for p in paths:
         ds = _read(p)
+        if burned_in is not None and "PixelData" in ds and burned_in_risk(ds, burned_in):
+            raise ReadError("burned_in_annotation", f"{rel}: modality {str(ds.get('Modality', '?'))} may carry "
+                            "burned-in text (BurnedInAnnotation is not NO; set burned_in.allow to ingest)")
         pt, st, tm = _ids_and_terms(ds)
         if patient is None:
             patient, study = pt, st or Path(p).stem

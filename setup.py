@@ -65,6 +65,7 @@ setup(
         "pylibjpeg>=2.0",
         "pylibjpeg-openjpeg>=2.3",
         "pylibjpeg-rle>=2.0",
+        "faker>=20",  # given-name / surname lists (all locales) of the free-text scrubber, shards/scrub.py
         "nibabel>=5",
         "wfdb>=4.1",
         "pyedflib>=0.1.38",

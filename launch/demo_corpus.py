@@ -412,6 +412,9 @@ def ingest_config(dataset: str, salt: str, workers: int, seed: int = 0) -> Inges
     data = json.loads(json.dumps(_FAMILY_CONFIG[dataset]))
     data.update({"prefix": dataset, "workers": workers, "seed": seed, "overwrite": True,
                  "deid": {"salt": salt}})
+    # index columns become labels only when declared (shards/labels.py): the tasks' class-index columns
+    data["labels"] = [{"name": t.label, "type": "int", "values": list(range(len(t.classes)))}
+                      for t in TASKS.values() if t.dataset == dataset and t.modality != "ehr"]
     return from_dict(IngestConfig, data)
 
 

@@ -9,8 +9,9 @@
 - DICOM: :func:`deidentify_dicom` applies the PS3.15 Annex E Basic Application Level Confidentiality Profile actions
   (table below) to a pydicom Dataset in place, drops private tags and replaces UIDs by keyed UIDs. Readers pull
   every meta field from the cleaned dataset, never from the original.
-- Free text (reports, EHR strings): :func:`scrub_text` removes dates, MRN/phone-like digit runs, e-mail addresses
-  and the names/ids the source metadata revealed.
+- Free text (reports, SR text, captions, string labels): :func:`scrub_text` (medfm.shards.scrub) removes dates,
+  record/accession numbers, phones, addresses, names, ages over 89, e-mail addresses and the names/ids the source
+  metadata revealed.
 """
 
 from __future__ import annotations
@@ -219,30 +220,7 @@ def deidentify_dicom(ds, pseudo: Pseudonymizer, raw_patient: str, cfg: DeidConfi
     return counts
 
 
-# --- free text -------------------------------------------------------------------------------------------------
-_DATE_PATTERNS = [
-    r"\b\d{4}[-/.]\d{1,2}[-/.]\d{1,2}\b",                     # 2021-03-04
-    r"\b\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}\b",                   # 04/03/2021
-    r"\b(?:19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\b",  # 20210304 (DICOM DA)
-    r"\b\d{1,2}(?:st|nd|rd|th)?\s+(?:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*\.?,?\s+\d{2,4}\b",
-    r"\b(?:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*\.?\s+\d{1,2}(?:st|nd|rd|th)?,?\s+\d{2,4}\b",
-]
-_DATE_RE = re.compile("|".join(_DATE_PATTERNS), re.IGNORECASE)
-_EMAIL_RE = re.compile(r"\b[\w.+-]+@[\w-]+\.[\w.-]+\b")
-_PHONE_RE = re.compile(r"(?:\+?\d[\d\s().-]{7,}\d)")
-_IDNUM_RE = re.compile(r"\b(?:MRN|ID|Acc(?:ession)?)?[:#\s]*[A-Z]{0,3}\d{6,}\b", re.IGNORECASE)
-
-
-@dataclass
-class TextScrubber:
-    """Removes identifiers from free text; ``terms`` are names/ids revealed by the source's metadata."""
-
-    terms: list[str] = field(default_factory=list)
-
-    def scrub(self, text: str) -> str:
-        return scrub_text(text, self.terms)
-
-
+# --- free text: one owner, medfm.shards.scrub -------------------------------------------------------------------
 def name_terms(*values) -> list[str]:
     """Searchable pieces of names/ids (``Doe^John`` -> ``Doe^John``, ``Doe``, ``John``), shortest ignored."""
     out = set()
@@ -260,16 +238,21 @@ def name_terms(*values) -> list[str]:
 
 
 def scrub_text(text: str, terms=()) -> str:
-    """Replace dates by [DATE], e-mails by [EMAIL], long digit runs by [ID], given names/ids by [NAME]."""
-    if not text:
-        return text
-    text = _EMAIL_RE.sub("[EMAIL]", text)  # before names: a name inside an address must not break the match
-    for term in sorted({t for t in terms if t and len(t) >= 2}, key=len, reverse=True):
-        text = re.sub(re.escape(term), "[NAME]", text, flags=re.IGNORECASE)
-    text = _DATE_RE.sub("[DATE]", text)
-    text = _IDNUM_RE.sub("[ID]", text)
-    text = _PHONE_RE.sub("[ID]", text)
-    return text
+    """Free text without identifiers (dates, ids, phones, addresses, names, ages over 89, e-mails): see
+    :mod:`medfm.shards.scrub`; ``terms`` are the names/ids the source's metadata revealed."""
+    from medfm.shards.scrub import scrub_text as _scrub
+
+    return _scrub(text, terms)
+
+
+@dataclass
+class TextScrubber:
+    """Removes identifiers from free text; ``terms`` are names/ids revealed by the source's metadata."""
+
+    terms: list[str] = field(default_factory=list)
+
+    def scrub(self, text: str) -> str:
+        return scrub_text(text, self.terms)
 
 
 def stamp(cfg: DeidConfig, salt_source: str) -> dict:

@@ -21,6 +21,7 @@ import numpy as np
 
 from medfm.schema import ConfigError, to_dict
 from medfm.shards.deid import DeidConfig, DeidError, Pseudonymizer, resolve_salt, scrub_text, stamp
+from medfm.shards.labels import LabelSpec, apply_label_specs
 from medfm.shards.manifest import DEFAULT_SPLIT_RATIOS, EHR_PAD, EHR_UNK, normalize_ratios, split_for
 from medfm.shards.preprocess import (
     PreprocessConfig,
@@ -74,8 +75,11 @@ class IngestConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     ehr: EhrConfig = field(default_factory=EhrConfig)
     burned_in: BurnedInConfig = field(default_factory=BurnedInConfig)
+    labels: list[LabelSpec] = field(default_factory=list)  # the only index columns that become labels
 
     def validate(self):
+        for spec in self.labels:
+            spec.validate()
         if self.max_samples < 1 or self.max_bytes < 4096:
             raise ValueError("max_samples must be >= 1 and max_bytes >= 4096")
         if self.workers < 1:
@@ -264,8 +268,9 @@ def _read_task(task: Task, cfg: IngestConfig, pseudo) -> list:
     raise ReadError("unsupported_format", f"{task.rel}: no reader for {task.kind}")
 
 
-def _to_sample(rec: Record, cfg: IngestConfig, pseudo) -> Sample:
-    """Pseudonymise ids, scrub text, preprocess arrays; the key and EHR code ids are filled in by the main process."""
+def _to_sample(rec: Record, cfg: IngestConfig, pseudo, stats: Counter | None = None) -> Sample:
+    """Pseudonymise ids, scrub text, keep declared labels only, preprocess arrays; the key and EHR code ids are
+    filled in by the main process. ``stats`` counts dropped label columns / rejected label values."""
     if pseudo is not None:
         patient = pseudo.patient(rec.patient)
         study = pseudo.study(rec.patient, rec.study)
@@ -280,7 +285,10 @@ def _to_sample(rec: Record, cfg: IngestConfig, pseudo) -> Sample:
     split = split_for(patient, cfg.split_ratios, cfg.seed)
     source = {"format": rec.format, "file": file_id}
     source.update({k: v for k, v in rec.info.items() if k in ("modality", "sop_class", "transfer_syntax")})
-    meta = make_meta(patient_id=patient, study_id=study, split=split, source=source, labels=dict(rec.labels))
+    scrub = scrub_text if (cfg.deid.enabled and cfg.deid.scrub_text) else None
+    labels = apply_label_specs(rec.labels, cfg.labels, extra_declared=set(cfg.ehr.label_codes), terms=rec.phi_terms,
+                               stats=stats, scrub=scrub)
+    meta = make_meta(patient_id=patient, study_id=study, split=split, source=source, labels=labels)
     sample = Sample(key="", meta=meta)
     pre = cfg.preprocess
     if rec.volume is not None:
@@ -319,28 +327,29 @@ def _process(task: Task):
     cfg, pseudo = _STATE["cfg"], _STATE["pseudo"]
     out: list = []
     warned: Counter = Counter()
+    stats: Counter = Counter()
     with counted_warnings(warned), counted_native_stderr(warned):
         try:
             records = _read_task(task, cfg, pseudo)
         except ReadError as exc:
-            return task, [(exc.reason, exc.message)], warned
+            return task, [(exc.reason, exc.message)], warned, stats
         except MemoryError:
-            return task, [("out_of_memory", "input too large to read")], warned
+            return task, [("out_of_memory", "input too large to read")], warned, stats
         except Exception as exc:  # a reader bug or an exotic file must cost one input, not the build
-            return task, [("reader_error", _one_line(exc))], warned
+            return task, [("reader_error", _one_line(exc))], warned, stats
         for rec in records:
             if isinstance(rec, ReadError):
                 out.append((rec.reason, rec.message))
                 continue
             try:
-                out.append(_to_sample(rec, cfg, pseudo))
+                out.append(_to_sample(rec, cfg, pseudo, stats))
             except PreprocessError as exc:
                 out.append((exc.reason, exc.message))
             except MemoryError:
                 out.append(("out_of_memory", "input too large to preprocess"))
             except Exception as exc:
                 out.append(("preprocess_error", _one_line(exc)))
-    return task, out, warned
+    return task, out, warned, stats
 
 
 # --- main process --------------------------------------------------------------------------------------------
@@ -361,6 +370,17 @@ def _ehr_array(events, vocab: _Vocab) -> np.ndarray:
     for i, (t, code, value) in enumerate(events):
         arr[i] = (t, vocab.id(code), 0.0 if value is None else value, 0.0 if value is None else 1.0)
     return arr
+
+
+def _label_summary(cfg: IngestConfig, stats: Counter) -> dict:
+    """Manifest record of the label policy: declared labels, dropped columns and rejected values (names scrubbed:
+    a column header can itself be identifying)."""
+    def count(prefix):
+        return {scrub_text(k[len(prefix):]): v for k, v in sorted(stats.items()) if k.startswith(prefix)}
+
+    return {"declared": [to_dict(s) for s in cfg.labels] + [{"name": c, "type": "float", "from": "ehr.label_codes"}
+                                                          for c in cfg.ehr.label_codes],
+            "dropped_columns": count("label_dropped_column:"), "rejected_values": count("label_rejected:")}
 
 
 class BuildError(RuntimeError):
@@ -438,6 +458,7 @@ def build(sources, out_dir, cfg: IngestConfig, progress: bool = True, log=None) 
     formats: Counter = Counter()
     kinds: dict[str, int] = defaultdict(int)
     files_written = files_skipped = 0
+    label_stats: Counter = Counter()
     try:
         from tqdm import tqdm
 
@@ -451,9 +472,10 @@ def build(sources, out_dir, cfg: IngestConfig, progress: bool = True, log=None) 
             _init_worker(cfg, salt)
             results = map(_process, tasks)
         try:
-            for task, outs, task_warned in results:
+            for task, outs, task_warned, task_stats in results:
                 bar.update(1)
                 warned.update(task_warned)
+                label_stats.update(task_stats)
                 kinds[task.kind] += 1
                 redact = _redactor(task, display) if pseudo else None
                 wrote = False
@@ -506,6 +528,7 @@ def build(sources, out_dir, cfg: IngestConfig, progress: bool = True, log=None) 
             sources={"tasks": dict(sorted(kinds.items())), "samples_by_format": dict(sorted(formats.items())),
                      "skipped_at_planning": len(disc.errors), "inputs": inputs},
             warnings=dict(sorted(warned.items())),
+            labels=_label_summary(cfg, label_stats),
             config=cfg_dict,
         )
     except OSError as exc:

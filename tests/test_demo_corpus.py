@@ -183,8 +183,11 @@ def test_index_rows_carry_labels_text_and_patient_for_nifti_and_wfdb(tmp_path):
     realdata.write_mitbih_wfdb(src, record="rec")
     (src / "index.csv").write_text("path,text,patient_id,grade\nanat.nii,an MRI,p1,2\nrec.hea,an ECG,p2,0\n"
                                    "gone.nii,x,p3,1\n")
-    manifest = build([src], tmp_path / "out", IngestConfig(deid=DeidConfig(salt=SALT)), progress=False,
-                     log=lambda m: None)
+    from medfm.shards.labels import LabelSpec
+
+    manifest = build([src], tmp_path / "out", IngestConfig(deid=DeidConfig(salt=SALT),
+                                                           labels=[LabelSpec("grade", "int")]),
+                     progress=False, log=lambda m: None)
     # each file once (through its row, not again on its own); the missing row is skipped with its reason
     assert manifest["totals"]["samples"] == 2 and manifest["skipped"] == {"missing_file": 1}
     got = {s.text: s for s in _samples(tmp_path / "out")}

@@ -74,6 +74,28 @@ ANNEX_E_ACTIONS: dict[str, str] = {
 }
 _DUMMY = {"PatientName": "ANONYMIZED", "PatientID": "ANONYMIZED"}
 
+# The de-identification claim, precisely: shards and manifests carry no DICOM header value except these fields
+# (the readers' meta and skip messages), plus keyed pseudonyms of PatientID and StudyInstanceUID. Every other
+# attribute (standard, nested, private) is read in memory only. tests/test_shards_export.py scans every header of
+# the packages' test files against the build's shards, manifest and log and fails on anything outside this list.
+HEADER_FIELDS_IN_SHARDS = {
+    "Modality": "meta.source.modality, meta.volume.modality",
+    "SOPClassUID": "its name only (meta.source.sop_class)",
+    "TransferSyntaxUID": "its name only (meta.source.transfer_syntax)",
+    "PhotometricInterpretation": "meta.image.photometric_source",
+    "BitsStored": "meta.image source bits",
+    "Rows": "array shape", "Columns": "array shape", "NumberOfFrames": "array shape",
+    "PixelSpacing": "meta.image.source_pixel_spacing, meta.volume.spacing",
+    "ImagerPixelSpacing": "meta.image.source_pixel_spacing",
+    "SliceThickness": "meta.volume.spacing (single slice)", "SpacingBetweenSlices": "meta.volume.spacing",
+    "WindowCenter": "meta.preprocessing.image window", "WindowWidth": "meta.preprocessing.image window",
+    "SamplingFrequency": "meta.signal.fs",
+    "CodeMeaning": "waveform lead names (ChannelSourceSequence), meta.signal.leads",
+    "CodeValue": "waveform channel units (ChannelSensitivityUnitsSequence), meta.signal.units",
+    "DirectoryRecordType": "a broken DICOMDIR's record type quoted in its bad_dicomdir skip message",
+}
+
+
 
 class DeidError(ValueError):
     """De-identification cannot be done safely (no salt, ...)."""

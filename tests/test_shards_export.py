@@ -7,8 +7,10 @@ third-party warnings instead of printing them, show no raw folder name anywhere,
 
 import json
 import os
+import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -92,3 +94,63 @@ def test_unwritable_output_is_one_line_exit_1(export_build, capfd, monkeypatch, 
     rc, cap = _run_build(src / realdata.EXPORT_PATIENTS[0], blocker / "out", capfd, monkeypatch)
     assert rc == 1 and "Traceback" not in cap.err
     assert cap.err.strip().splitlines()[-1].startswith("medfm shards build: cannot write to")
+
+
+def _header_values(ds, path=""):
+    """(leaf keyword, value) of every attribute of ``ds``: standard, nested in sequences, private."""
+    for el in ds:
+        kw = el.keyword or f"({el.tag.group:04X},{el.tag.element:04X})"
+        if el.VR == "SQ":
+            for item in el.value or []:
+                yield from _header_values(item, path + kw + ">")
+            continue
+        if el.VR in ("OB", "OW", "OF", "OD", "OL", "OV", "UN") or el.tag == 0x7FE00010:
+            continue
+        try:
+            values = list(el.value) if el.VM > 1 else [el.value]
+        except Exception:
+            continue
+        for v in values:
+            yield kw, str(v).strip()
+
+
+def _distinctive(value: str) -> bool:
+    # identifiers and codes, not plain lowercase words ("patient") nor short numbers that occur by chance
+    return ((len(value) >= 5 and re.search(r"[A-Z0-9 ^]", value) is not None and re.search(r"[A-Za-z]", value)
+             is not None) or (len(value) >= 8 and re.fullmatch(r"[\d.]+", value) is not None))
+
+
+def test_only_allowlisted_header_fields_reach_shards_manifest_or_log(export_build):
+    """Every attribute of every DICOM header in the export whose value appears in the output must be in
+    deid.HEADER_FIELDS_IN_SHARDS (the documented allowlist)."""
+    import pydicom
+
+    from medfm.shards.deid import HEADER_FIELDS_IN_SHARDS
+    from medfm.shards.verify import iter_tar_samples
+
+    src, out, cap = export_build
+    manifest = json.loads((out / "manifest.json").read_text())
+    for k in ("config", "limits", "preprocessing"):  # the user's settings, not header values
+        manifest.pop(k)
+    text = json.dumps(manifest, ensure_ascii=False) + cap.stderr + cap.stdout
+    for shard in sorted(out.glob("*.tar")):
+        for m in iter_tar_samples(shard):
+            text += m["meta.json"].decode() + m.get("text.txt", b"").decode()
+    reached: dict[str, set] = {}
+    scanned = 0
+    for f in sorted(p for p in src.rglob("*") if p.is_file()):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(f, stop_before_pixels=True, force=True)
+            values = list(_header_values(ds)) + list(_header_values(getattr(ds, "file_meta", None) or []))
+        except Exception:
+            continue
+        scanned += 1
+        for kw, v in values:
+            if _distinctive(v) and v in text and re.search(rf"(?<![A-Za-z0-9_]){re.escape(v)}(?![A-Za-z0-9_])", text):
+                reached.setdefault(kw, set()).add(v)
+    assert scanned > 200
+    outside = {k: sorted(v)[:5] for k, v in reached.items() if k not in HEADER_FIELDS_IN_SHARDS}
+    assert not outside, f"header attributes outside the allowlist reach the output: {outside}"
+    assert "Modality" in reached  # the scan does see what is written

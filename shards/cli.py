@@ -27,7 +27,15 @@ def add_cli(subparsers) -> None:
     b.add_argument("--allow-identifiable", action="store_true", help="accept identifiable output of --no-deid")
     b.add_argument("--overwrite", action="store_true", help="replace an existing shard set in --out")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.add_argument("--part", metavar="I/N", help="build only this node's deterministic 1/N of the inputs "
+                   "(a DICOM series stays whole); combine the parts with `medfm shards merge`")
     b.set_defaults(func=_build)
+
+    m = sub.add_parser("merge", help="merge the shard sets of `build --part I/N` into one set with one manifest")
+    m.add_argument("parts", nargs="+", metavar="PART_DIR")
+    m.add_argument("--out", required=True)
+    m.add_argument("--overwrite", action="store_true")
+    m.set_defaults(func=_merge)
 
     v = sub.add_parser("verify", help="recompute checksums and decode every sample; exit 1 listing problems")
     v.add_argument("dir")
@@ -58,6 +66,8 @@ def _config(args):
         data.setdefault("deid", {})["enabled"] = False
     if args.workers is not None:
         data["workers"] = args.workers
+    if args.part:
+        data["part"] = args.part
     return from_dict(IngestConfig, data)
 
 
@@ -78,6 +88,15 @@ def _build(args) -> int:
         print(f"medfm shards build: no usable input (every source was skipped; reasons in "
               f"{out / 'failed-build.json'})", file=sys.stderr)
         return 1
+    return 0
+
+
+def _merge(args) -> int:
+    from medfm.shards.merge import merge
+
+    manifest = merge(args.parts, args.out, overwrite=args.overwrite, log=lambda m: print(m, file=sys.stderr))
+    print(f"merged {len(args.parts)} parts: {manifest['totals']['samples']} samples in "
+          f"{len(manifest['shards'])} shards -> {args.out}", file=sys.stderr)
     return 0
 
 

@@ -76,8 +76,10 @@ class IngestConfig:
     ehr: EhrConfig = field(default_factory=EhrConfig)
     burned_in: BurnedInConfig = field(default_factory=BurnedInConfig)
     labels: list[LabelSpec] = field(default_factory=list)  # the only index columns that become labels
+    part: str = ""                      # "I/N": this node's deterministic 1/N of the inputs (medfm shards merge)
 
     def validate(self):
+        part_of(self.part)
         for spec in self.labels:
             spec.validate()
         if self.max_samples < 1 or self.max_bytes < 4096:
@@ -91,6 +93,38 @@ class IngestConfig:
             raise ValueError(f"nifti_modality must be CT|MR|PT|NM, got {self.nifti_modality!r}")
         if not self.deid.enabled and not self.allow_identifiable:
             raise ValueError("deid.enabled=false writes identifiable shards: also set allow_identifiable=true")
+
+
+def part_of(part: str) -> tuple[int, int] | None:
+    """``"I/N"`` -> (I, N) with 1 <= I <= N; ``""`` -> None (the whole build)."""
+    if not part:
+        return None
+    try:
+        i, n = (int(x) for x in str(part).split("/"))
+    except ValueError:
+        raise ValueError(f"part must be I/N (e.g. 2/8), got {part!r}") from None
+    if not 1 <= i <= n:
+        raise ValueError(f"part {part!r}: need 1 <= I <= N")
+    return i, n
+
+
+def in_part(rel: str, part: tuple[int, int] | None) -> bool:
+    """Whether the task (or planning skip) at ``rel`` belongs to ``part``: a hash of its source-relative path, so
+    every node agrees without talking to the others, and a series (one task) stays whole."""
+    if part is None:
+        return True
+    import hashlib
+
+    h = int.from_bytes(hashlib.sha256(f"medfm-part\x00{rel}".encode()).digest()[:8], "big")
+    return h % part[1] == part[0] - 1
+
+
+def sample_key(study: str, file_id: str) -> str:
+    """``<study pseudonym>-<n>``: ``n`` is 10 hex of the sample's source pseudonym, so a key does not depend on
+    which other inputs the build (or this part of it) saw; :func:`build` suffixes a repeat within a study."""
+    import hashlib
+
+    return f"{study}-{hashlib.sha256(file_id.encode()).hexdigest()[:10]}"
 
 
 @dataclass
@@ -125,6 +159,7 @@ class Discovery:
     errors: list[tuple[str, ReadError]]
     files: int = 0          # distinct input files found (resolved paths)
     file_errors: int = 0    # of those, skipped at planning
+    source_errors: int = 0  # errors[:source_errors] are missing sources / unreadable folders, not files
     companions: int = 0     # WFDB data/annotation files read through their .hea
     indexed: int = 0        # files named by an index table (read through its row)
 
@@ -231,6 +266,7 @@ def discover(sources, display=None) -> Discovery:
     errors.extend((_rel(p, roots[p]), e) for p, e in derrs)
     tasks.sort(key=lambda t: (t.kind, t.rel))
     return Discovery(tasks, errors, files=len(seen), file_errors=len(errors) - n_source_errors,
+                     source_errors=n_source_errors,
                      companions=companions, indexed=n_indexed)
 
 
@@ -435,7 +471,9 @@ def build(sources, out_dir, cfg: IngestConfig, progress: bool = True, log=None) 
     warned: Counter = Counter()
     with counted_warnings(warned):
         disc = discover(sources, display)
-    tasks = disc.tasks
+    part = part_of(cfg.part)
+    tasks = [t for t in disc.tasks if in_part(t.rel, part)]
+    plan_errors = [(rel, e) for rel, e in disc.errors if in_part(rel, part)]
     try:
         writer = DatasetWriter(out_dir, cfg.prefix, cfg.max_samples, cfg.max_bytes, overwrite=cfg.overwrite)
     except FileExistsError as exc:
@@ -451,7 +489,7 @@ def build(sources, out_dir, cfg: IngestConfig, progress: bool = True, log=None) 
         log(f"skip {display(rel)}: {reason}: {message}")
         writer.skip(display(rel), reason, message)
 
-    for rel, err in disc.errors:
+    for rel, err in plan_errors:
         skip(rel, err.reason, err.message, _redactor(Task("planned", [Path(rel)], rel), display) if pseudo else None)
     vocab = _Vocab()
     per_study: Counter = Counter()
@@ -485,9 +523,9 @@ def build(sources, out_dir, cfg: IngestConfig, progress: bool = True, log=None) 
                         continue
                     if isinstance(item.ehr, list):
                         item.ehr = _ehr_array(item.ehr, vocab)
-                    study = item.meta["study_id"]
-                    item.key = f"{study}-{per_study[study]}"
-                    per_study[study] += 1
+                    base = sample_key(item.meta["study_id"], item.meta["source"]["file"])
+                    item.key = base if not per_study[base] else f"{base}x{per_study[base]}"
+                    per_study[base] += 1
                     try:
                         writer.add(item)
                     except SampleError as exc:
@@ -515,8 +553,15 @@ def build(sources, out_dir, cfg: IngestConfig, progress: bool = True, log=None) 
     cfg_dict = to_dict(cfg)
     if cfg_dict["deid"].get("salt"):
         cfg_dict["deid"]["salt"] = "<redacted>"
-    inputs = {"files": disc.files, "written": files_written, "skipped": files_skipped + disc.file_errors,
-              "companion": disc.companions, "indexed": disc.indexed}
+    if part is None:
+        inputs = {"files": disc.files, "written": files_written, "skipped": files_skipped + disc.file_errors,
+                  "companion": disc.companions, "indexed": disc.indexed}
+    else:  # this part's share; companions / indexed files are counted once, by part 1
+        n_file_errors = sum(1 for rel, _ in disc.errors[disc.source_errors:] if in_part(rel, part))
+        inputs = {"written": files_written, "skipped": files_skipped + n_file_errors,
+                  "companion": disc.companions if part[0] == 1 else 0,
+                  "indexed": disc.indexed if part[0] == 1 else 0}
+        inputs["files"] = sum(inputs.values())
     try:
         manifest = writer.close(
             deid=stamp(cfg.deid, salt_source),
@@ -526,7 +571,8 @@ def build(sources, out_dir, cfg: IngestConfig, progress: bool = True, log=None) 
             split={"by": "sha256(seed, patient pseudonym)", "seed": cfg.seed,
                    "ratios": normalize_ratios(cfg.split_ratios)},
             sources={"tasks": dict(sorted(kinds.items())), "samples_by_format": dict(sorted(formats.items())),
-                     "skipped_at_planning": len(disc.errors), "inputs": inputs},
+                     "skipped_at_planning": len(plan_errors), "inputs": inputs,
+                     **({"part": cfg.part} if part else {})},
             warnings=dict(sorted(warned.items())),
             labels=_label_summary(cfg, label_stats),
             config=cfg_dict,

@@ -90,7 +90,9 @@ HEADER_FIELDS_IN_SHARDS = {
     "SliceThickness": "meta.volume.spacing (single slice)", "SpacingBetweenSlices": "meta.volume.spacing",
     "WindowCenter": "meta.preprocessing.image window", "WindowWidth": "meta.preprocessing.image window",
     "SamplingFrequency": "meta.signal.fs",
-    "CodeMeaning": "waveform lead names (ChannelSourceSequence), meta.signal.leads",
+    "CodeMeaning": "waveform lead names (ChannelSourceSequence), meta.signal.leads; SR coded findings (text.txt)",
+    "TextValue": "DICOM SR report text, scrubbed (text.txt of its study's images, or a text-only sample)",
+    "NumericValue": "DICOM SR measurements (text.txt)",
     "CodeValue": "waveform channel units (ChannelSensitivityUnitsSequence), meta.signal.units",
     "DirectoryRecordType": "a broken DICOMDIR's record type quoted in its bad_dicomdir skip message",
 }

@@ -132,6 +132,8 @@ class Task:
     kind: str              # dicom | nifti | wfdb | edf | image_index | meds | image
     paths: list[Path]
     rel: str               # display / provenance path relative to its source root
+    group: str = ""        # raw study UID for DICOM (in memory only): --part keeps a study together
+    report: bool = False   # a DICOM SR: its text goes to the images of its study
 
 
 # --- discovery ------------------------------------------------------------------------------------------------
@@ -261,10 +263,12 @@ def discover(sources, display=None) -> Discovery:
     kept = [t for t in tasks if t.kind not in ("nifti", "wfdb", "edf") or t.paths[0].resolve() not in indexed]
     n_indexed += len(tasks) - len(kept)
     tasks = kept
-    dtasks, derrs = plan_tasks(dicom, display=lambda p: display(_rel(p, roots[p])))
-    tasks.extend(Task("dicom", t, _rel(t[0], roots[t[0]])) for t in dtasks)
+    info: dict = {}
+    dtasks, derrs = plan_tasks(dicom, display=lambda p: display(_rel(p, roots[p])), info=info)
+    tasks.extend(Task("dicom", t, _rel(t[0], roots[t[0]]), group=info.get(t[0], {}).get("study", ""),
+                      report=bool(info.get(t[0], {}).get("report"))) for t in dtasks)
     errors.extend((_rel(p, roots[p]), e) for p, e in derrs)
-    tasks.sort(key=lambda t: (t.kind, t.rel))
+    tasks.sort(key=lambda t: (not t.report, t.kind, t.rel))  # reports first: their text waits for the images
     return Discovery(tasks, errors, files=len(seen), file_errors=len(errors) - n_source_errors,
                      source_errors=n_source_errors,
                      companions=companions, indexed=n_indexed)
@@ -472,7 +476,7 @@ def build(sources, out_dir, cfg: IngestConfig, progress: bool = True, log=None) 
     with counted_warnings(warned):
         disc = discover(sources, display)
     part = part_of(cfg.part)
-    tasks = [t for t in disc.tasks if in_part(t.rel, part)]
+    tasks = [t for t in disc.tasks if in_part(t.group or t.rel, part)]
     plan_errors = [(rel, e) for rel, e in disc.errors if in_part(rel, part)]
     try:
         writer = DatasetWriter(out_dir, cfg.prefix, cfg.max_samples, cfg.max_bytes, overwrite=cfg.overwrite)
@@ -497,6 +501,26 @@ def build(sources, out_dir, cfg: IngestConfig, progress: bool = True, log=None) 
     kinds: dict[str, int] = defaultdict(int)
     files_written = files_skipped = 0
     label_stats: Counter = Counter()
+    reports: dict[str, list[Sample]] = {}  # study pseudonym -> its SR report samples
+    attached: set[str] = set()
+
+    def write(item: Sample, task: Task, redact) -> bool:
+        base = sample_key(item.meta["study_id"], item.meta["source"]["file"])
+        item.key = base if not per_study[base] else f"{base}x{per_study[base]}"
+        per_study[base] += 1
+        try:
+            writer.add(item)
+        except SampleError as exc:
+            skip(task.rel, exc.reason, exc.message, redact=redact)
+            return False
+        except OSError as exc:
+            raise BuildError(f"cannot write to {out_dir}: {exc.strerror or exc}") from None
+        except (ValueError, TypeError) as exc:
+            skip(task.rel, "write_rejected", _one_line(exc), redact=redact)
+            return False
+        formats[item.meta["source"]["format"]] += 1
+        return True
+
     try:
         from tqdm import tqdm
 
@@ -523,21 +547,15 @@ def build(sources, out_dir, cfg: IngestConfig, progress: bool = True, log=None) 
                         continue
                     if isinstance(item.ehr, list):
                         item.ehr = _ehr_array(item.ehr, vocab)
-                    base = sample_key(item.meta["study_id"], item.meta["source"]["file"])
-                    item.key = base if not per_study[base] else f"{base}x{per_study[base]}"
-                    per_study[base] += 1
-                    try:
-                        writer.add(item)
-                    except SampleError as exc:
-                        skip(task.rel, exc.reason, exc.message, redact=redact)
+                    if task.report:  # kept until the images of its study have been seen
+                        reports.setdefault(item.meta["study_id"], []).append(item)
+                        wrote = True
                         continue
-                    except OSError as exc:
-                        raise BuildError(f"cannot write to {out_dir}: {exc.strerror or exc}") from None
-                    except (ValueError, TypeError) as exc:
-                        skip(task.rel, "write_rejected", _one_line(exc), redact=redact)
-                        continue
-                    wrote = True
-                    formats[item.meta["source"]["format"]] += 1
+                    study_reports = reports.get(item.meta["study_id"])
+                    if study_reports and item.text is None:
+                        item.text = "\n\n".join(r.text for r in study_reports)
+                        attached.add(item.meta["study_id"])
+                    wrote = write(item, task, redact) or wrote
                 if wrote:
                     files_written += len(task.paths)
                 else:
@@ -547,6 +565,11 @@ def build(sources, out_dir, cfg: IngestConfig, progress: bool = True, log=None) 
             if pool is not None:
                 pool.terminate()
                 pool.join()
+        for study, items in reports.items():  # a report without images of its study: a text-only sample
+            if study in attached:
+                continue
+            for item in items:
+                write(item, Task("dicom", [], "report"), None)
     except BaseException:
         writer.abort()  # finished shards stay; the partial one is removed; no manifest claims a complete build
         raise
@@ -572,6 +595,9 @@ def build(sources, out_dir, cfg: IngestConfig, progress: bool = True, log=None) 
                    "ratios": normalize_ratios(cfg.split_ratios)},
             sources={"tasks": dict(sorted(kinds.items())), "samples_by_format": dict(sorted(formats.items())),
                      "skipped_at_planning": len(plan_errors), "inputs": inputs,
+                     "reports": {"sr_documents": sum(len(v) for v in reports.values()),
+                                 "studies_with_images": len(attached),
+                                 "text_only": sum(len(v) for k, v in reports.items() if k not in attached)},
                      **({"part": cfg.part} if part else {})},
             warnings=dict(sorted(warned.items())),
             labels=_label_summary(cfg, label_stats),

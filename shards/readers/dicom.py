@@ -66,6 +66,8 @@ def header_summary(path) -> dict:
         raise ReadError("bad_header", "ImageOrientationPatient: expected 6 numbers") from None
     return {
         "dicomdir": False,
+        "study": str(ds.get("StudyInstanceUID", "") or ""),
+        "report": is_report(ds),
         "modality": str(ds.get("Modality", "")).upper(),
         "series": str(ds.get("SeriesInstanceUID", "")),
         "frames": _int_field(ds, "NumberOfFrames", 1) or 1,
@@ -93,7 +95,8 @@ def dicomdir_references(path: Path) -> list[Path]:
     return [p for p in refs if p.is_file()]
 
 
-def plan_tasks(paths: list[Path], display=str) -> tuple[list[list[Path]], list[tuple[Path, ReadError]]]:
+def plan_tasks(paths: list[Path], display=str, info: dict | None = None) \
+        -> tuple[list[list[Path]], list[tuple[Path, ReadError]]]:
     """Group DICOM files into tasks: one per parallel-slice series, one per other file. Returns (tasks, errors).
 
     Every exception while reading one header costs that file (``bad_header``), never the plan. A DICOMDIR is an
@@ -122,6 +125,8 @@ def plan_tasks(paths: list[Path], display=str) -> tuple[list[list[Path]], list[t
                                         f"same SOPInstanceUID as {display(seen[h['instance']])}")))
             continue
         seen[h["instance"]] = p
+        if info is not None:
+            info[p] = {"study": h["study"], "report": h["report"]}
         stackable = (h["modality"] in VOLUME_MODALITIES and h["frames"] == 1 and not h["waveform"]
                      and h["series"] and h["orientation"] is not None and h["has_position"])
         if stackable:
@@ -241,6 +246,8 @@ def read_dicom(paths: list[Path], rel: str, pseudo: Pseudonymizer | None, deid: 
     ds0 = datasets[0]
     base = dict(format="dicom", file=rel, patient=patient, study=study, phi_terms=sorted(set(terms)), info=_info(ds0))
     modality = str(ds0.get("Modality", "")).upper()
+    if is_report(ds0):
+        return [_report(ds0, base, rel)]
     if "WaveformSequence" in ds0:
         return [_waveform(ds0, base, rel)]
     if modality in VOLUME_MODALITIES:
@@ -392,3 +399,67 @@ def _waveform(ds, base, rel) -> Record:
     fs = float(group.SamplingFrequency)
     return Record(**base, signal=np.asarray(arr, dtype=np.float64).T,
                   signal_meta={"fs": fs, "leads": leads, "units": units})
+
+
+# --- structured reports ------------------------------------------------------------------------------------------
+# Content items whose concept names one of these is observation context (who observed, for whom, where), never
+# report text: observer names, organisations, subject ids. PNAME/DATE/TIME/DATETIME/UIDREF items are never read.
+_SR_CONTEXT_WORDS = ("observer", "context", "organization", "organisation", "institution", "person", "subject", "name",
+                     "procedure reported", "device", "uid")
+_SR_VALUE_TYPES = ("TEXT", "CODE", "NUM", "CONTAINER")
+
+
+def is_report(ds) -> bool:
+    """A DICOM Structured Report (Basic Text / Enhanced / Comprehensive SR, ...)."""
+    sop = str(getattr(ds.get("SOPClassUID"), "name", "") or "")
+    return str(ds.get("Modality", "")).upper() == "SR" or sop.endswith("SR Storage") or "SR Storage" in sop
+
+
+def _concept(item) -> str:
+    seq = item.get("ConceptNameCodeSequence")
+    return str(seq[0].get("CodeMeaning", "") or "") if seq else ""
+
+
+def sr_text(ds) -> str:
+    """The report text of an SR document: TEXT values, CODE meanings and NUM values with units, depth-first in
+    document order, each as ``concept: value``; container concepts become section headings."""
+    lines: list[str] = []
+
+    def walk(items, depth):
+        for item in items or []:
+            vt = str(item.get("ValueType", "") or "").upper()
+            concept = _concept(item)
+            if vt not in _SR_VALUE_TYPES or any(w in concept.lower() for w in _SR_CONTEXT_WORDS):
+                continue
+            value = ""
+            if vt == "TEXT":
+                value = str(item.get("TextValue", "") or "").strip()
+            elif vt == "CODE":
+                seq = item.get("ConceptCodeSequence")
+                value = str(seq[0].get("CodeMeaning", "") or "") if seq else ""
+            elif vt == "NUM":
+                seq = item.get("MeasuredValueSequence")
+                if seq:
+                    units = seq[0].get("MeasurementUnitsCodeSequence")
+                    unit = str(units[0].get("CodeValue", "") or "") if units else ""
+                    value = f"{seq[0].get('NumericValue', '')} {unit}".strip()
+            if vt == "CONTAINER":
+                if concept and depth > 0:
+                    lines.append(f"{concept.upper()}:")
+            elif value:
+                lines.append(f"{concept}: {value}" if concept else value)
+            if "ContentSequence" in item:
+                walk(item.ContentSequence, depth + 1)
+
+    walk(ds.get("ContentSequence"), 0)
+    return "\n".join(lines)
+
+
+def _report(ds, base, rel) -> Record:
+    try:
+        text = sr_text(ds)
+    except Exception as exc:
+        raise ReadError("bad_report", f"{rel}: {exc.__class__.__name__}: {str(exc).splitlines()[0]}") from None
+    if not text.strip():
+        raise ReadError("empty_report", f"{rel}: structured report without text, code or numeric content")
+    return Record(**{**base, "info": {**base["info"], "report": True}}, text=text)

@@ -10,7 +10,6 @@ for the same inputs and config whatever ``--workers`` is. An input that cannot b
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import sys
 from collections import Counter, defaultdict
@@ -33,6 +32,7 @@ from medfm.shards.preprocess import (
 from medfm.shards.readers.base import ReadError, Record
 from medfm.shards.sample import Sample, SampleError, make_meta
 from medfm.shards.thirdparty_warnings import counted_native_stderr, counted_warnings
+from medfm.shards.workers import resilient_map
 from medfm.shards.writer import DatasetWriter
 
 DICOM_EXT = (".dcm", ".dicom", ".ima")
@@ -361,10 +361,22 @@ def _to_sample(rec: Record, cfg: IngestConfig, pseudo, stats: Counter | None = N
     return sample
 
 
+FAULT_ENV = "MEDFM_INGEST_FAULT"  # tests only: "crash:<file name>" kills the worker process reading that file
+
+
+def _crashed(task: Task):
+    return task, [("worker_crashed", "the reader process died (native crash) on this input")], Counter(), Counter()
+
+
 def _process(task: Task):
     """Worker entry: (task, [Sample | (reason, message)], warnings Counter). Never raises for bad input: every
     exception while reading, de-identifying or preprocessing one input becomes a skip with a reason."""
     cfg, pseudo = _STATE["cfg"], _STATE["pseudo"]
+    fault = os.environ.get(FAULT_ENV, "")
+    if fault.startswith("crash:") and any(p.name == fault[6:] for p in task.paths):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGSEGV)  # what a segfault in a C decoder does to the worker
     out: list = []
     warned: Counter = Counter()
     stats: Counter = Counter()
@@ -526,9 +538,8 @@ def build(sources, out_dir, cfg: IngestConfig, progress: bool = True, log=None) 
 
         bar = tqdm(total=len(tasks), desc="ingest", unit="task", disable=not progress, file=sys.stderr)
         if cfg.workers > 1 and len(tasks) > 1:
-            ctx = mp.get_context("spawn")  # no fork: safe with threads from BLAS / pyarrow in the parent
-            pool = ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(cfg, salt))
-            results = pool.imap(_process, tasks, chunksize=1)  # ordered: deterministic output
+            # ordered (deterministic output); a worker killed by a native crash costs its task, not the build
+            results = pool = resilient_map(_process, tasks, cfg.workers, _init_worker, (cfg, salt), _crashed)
         else:
             pool = None
             _init_worker(cfg, salt)
@@ -563,8 +574,7 @@ def build(sources, out_dir, cfg: IngestConfig, progress: bool = True, log=None) 
         finally:
             bar.close()
             if pool is not None:
-                pool.terminate()
-                pool.join()
+                pool.close()
         for study, items in reports.items():  # a report without images of its study: a text-only sample
             if study in attached:
                 continue

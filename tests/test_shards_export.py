@@ -159,3 +159,23 @@ def test_only_allowlisted_header_fields_reach_shards_manifest_or_log(export_buil
     outside = {k: sorted(v)[:5] for k, v in reached.items() if k not in HEADER_FIELDS_IN_SHARDS}
     assert not outside, f"header attributes outside the allowlist reach the output: {outside}"
     assert "Modality" in reached  # the scan does see what is written
+
+
+def test_a_worker_killed_by_a_native_crash_costs_one_input(tmp_path, monkeypatch):
+    """A segfault in a decoder kills its worker process; with a plain multiprocessing.Pool the build waited forever.
+    (MEDFM_INGEST_FAULT=crash:<name> makes the worker reading that file die by SIGSEGV.)"""
+    import shutil
+
+    from medfm.shards.deid import DeidConfig
+    from medfm.shards.ingest import FAULT_ENV, IngestConfig, build
+
+    require_real(["dicom_ct", "dicom_mr", "nifti_anatomical", "dicom_ecg"])
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("dicom_ct", "dicom_mr", "nifti_anatomical", "dicom_ecg"):
+        shutil.copy(realdata.require(name), src / realdata.require(name).name)
+    monkeypatch.setenv(FAULT_ENV, "crash:MR_small.dcm")
+    cfg = IngestConfig(workers=2, deid=DeidConfig(salt=SALT))
+    manifest = build([src], tmp_path / "out", cfg, progress=False, log=lambda m: None)
+    assert manifest["skipped"] == {"worker_crashed": 1}
+    assert manifest["totals"]["samples"] == 3 and verify(tmp_path / "out")[0] == []

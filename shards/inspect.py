@@ -28,6 +28,17 @@ def summary(directory) -> str:
                      + ", ".join(f"{k}={v}" for k, v in mods.items()))
     if m.get("skipped"):
         lines.append("skipped inputs: " + ", ".join(f"{k}={v}" for k, v in m["skipped"].items()))
+    src = m.get("sources", {})
+    if src.get("inputs"):
+        lines.append("inputs: " + ", ".join(f"{k}={v}" for k, v in src["inputs"].items()))
+    if src.get("reports", {}).get("sr_documents"):
+        lines.append("SR reports: " + ", ".join(f"{k}={v}" for k, v in src["reports"].items()))
+    if m.get("warnings"):
+        lines.append(f"third-party warnings: {sum(m['warnings'].values())} of {len(m['warnings'])} kinds")
+        lines.extend(f"  {n:>5}  {k}" for k, n in sorted(m["warnings"].items(), key=lambda kv: -kv[1])[:10])
+    dropped = m.get("labels", {}).get("dropped_columns")
+    if dropped:
+        lines.append("undeclared index columns dropped: " + ", ".join(f"{k}={v}" for k, v in dropped.items()))
     for name, vocab in m.get("vocabularies", {}).items():
         lines.append(f"vocabulary {name}: {len(vocab)} codes")
     for s in m["shards"]:

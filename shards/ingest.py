@@ -109,8 +109,9 @@ def part_of(part: str) -> tuple[int, int] | None:
 
 
 def in_part(rel: str, part: tuple[int, int] | None) -> bool:
-    """Whether the task (or planning skip) at ``rel`` belongs to ``part``: a hash of its source-relative path, so
-    every node agrees without talking to the others, and a series (one task) stays whole."""
+    """Whether the task (or planning skip) keyed ``rel`` belongs to ``part``: a hash of the key (a DICOM task's
+    study UID, else its source-relative path), so every node agrees without talking to the others, and a series
+    (one task) and a study's SR report stay whole."""
     if part is None:
         return True
     import hashlib

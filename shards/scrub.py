@@ -27,6 +27,7 @@ _DATE_PATTERNS = [
     rf"\b{_MONTH}\s+{_DAY},?\s+\d{{2,4}}\b",                   # March 14, 1951, Mar 14 2019
     rf"\b{_MONTH}\s+{_DAY}\b(?!\s*(?:mm|cm|x|%))",            # March 14 (no year)
     rf"\b{_MONTH}\s+(?:of\s+)?(?:19|20)\d{{2}}\b",              # March 2019
+    rf"\b{_DAY}\s+of\s+{_MONTH}",                             # 4th of July
     r"\b\d{1,2}/\d{1,2}\b(?=\s*(?:at|@)\s*\d)",               # 3/14 at 10:00
 ]
 DATE_RE = re.compile("|".join(_DATE_PATTERNS), re.IGNORECASE)
@@ -51,7 +52,8 @@ ADDRESS_RE = re.compile(
     rf"\b\d{{1,6}}\s+(?:[NSEW]\.?\s+)?(?:[A-Z][A-Za-z'-]+\s+){{1,3}}(?i:{_STREET})\b\.?"
     rf"(?:,?\s*(?i:apt|apartment|suite|ste|unit|#)\.?\s*[A-Z0-9-]+)?"
     rf"(?:,\s*[A-Z][A-Za-z.'-]+(?:\s+[A-Z][A-Za-z.'-]+)*)?(?:,?\s*[A-Z]{{2}}\b)?(?:\s+\d{{5}}(?:-\d{{4}})?)?"
-    rf"|\bP\.?\s*O\.?\s+(?i:box)\s+\d+\b|\b[A-Z]{{2}}\s+\d{{5}}(?:-\d{{4}})?\b")
+    rf"|\bP\.?\s*O\.?\s+(?i:box)\s+\d+\b"
+    rf"|\b(?:[A-Z][a-z]+(?:\s+[A-Z][a-z]+)?,\s*)?[A-Z]{{2}}\s+\d{{5}}(?:-\d{{4}})?\b")  # [City, ]ST 12345
 
 _NAME_TOKEN = r"[A-Z][a-zA-Z'’-]+"
 _FULL_NAME = rf"{_NAME_TOKEN}(?:\s+[A-Z]\.)?(?:\s+{_NAME_TOKEN}){{0,2}}"

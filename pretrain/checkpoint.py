@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 # Reading a checkpoint into one fp32 state dict lives in model_zoo (evals and release use it without training
 # code); re-exported here for compatibility.
 from medfm.model_zoo.checkpoint_io import consolidate, model_state_dict  # noqa: F401
+from medfm.pretrain import collectives
 
 TAG_RE = re.compile(r"^step(\d+)$")
 
@@ -68,8 +68,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
+    collectives.barrier()
 
 
 def _write_json_atomic(path: Path, data) -> None:

@@ -8,6 +8,7 @@ and schedule.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import warnings
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from medfm.pretrain import collectives
 from medfm.pretrain.config import RunConfig, lr_factor
 from medfm.pretrain.ds_config import deepspeed_config
 from medfm.pretrain.objectives import PretrainModule, build_objective, check_objectives_fit_model
@@ -235,10 +237,9 @@ class Engine:
                 sq.append(0.0)
             if g is not None:
                 sq[idx] += float(g.detach().float().pow(2).sum())
-        totals = torch.tensor(sq, dtype=torch.float64)
-        if self.strategy == "zero3" and self.world_size > 1:
-            dist.all_reduce(totals)  # disjoint partitions: squared norms add up
-        return {k: float(totals[i].sqrt()) for k, i in groups.items()}
+        if self.strategy == "zero3":  # disjoint partitions: squared norms add up (DDP grads are already reduced)
+            sq = collectives.reduce_floats(sq)
+        return {k: math.sqrt(sq[i]) for k, i in groups.items()}
 
     def step(self, skip: bool = False) -> None:
         """Finish a micro-step; at the accumulation boundary apply (or, with ``skip``, discard) the update.

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import yaml
 
+from medfm.pretrain import collectives
 from medfm.pretrain.checkpoint import CheckpointManager, git_commit, rng_state, set_rng_state
 from medfm.pretrain.config import RunConfig
 from medfm.pretrain.engine import Engine, init_distributed, setup_environment
@@ -59,10 +59,12 @@ def measure_peak_flops(dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> f
     return 2 * n**3 / best
 
 
-def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-    return t
+def reduce_step_totals(loss_sums: dict[str, float], tokens: float, flops: float, world: int):
+    """(rank-mean losses, tokens, FLOPs) of one step over all ranks: one float64 all-reduce (collectives places it).
+    Each rank holds its share of the global mean loss (losses.py contract), so the sum over ranks / world is it."""
+    names = sorted(loss_sums)
+    vec = collectives.reduce_floats([loss_sums[n] for n in names] + [float(tokens), float(flops)])
+    return {n: vec[i] / world for i, n in enumerate(names)}, vec[-2], vec[-1]
 
 
 def build_data(cfg: RunConfig, engine: Engine, rank: int, world: int):
@@ -128,10 +130,10 @@ def _micro_step(engine: Engine, batch: dict, plan, poisoned: bool):
     DeepSpeed's invalid-gradient-norm check turns into a dropped step."""
     losses, total, tok = engine.forward(batch, plan)
     names = list(losses)
-    vals = torch.stack([v.detach().float().reshape(()) for v in losses.values()]).cpu()
-    flags = (~torch.isfinite(vals)).float()
-    _all_reduce(flags, dist.ReduceOp.MAX)
+    vals = torch.stack([v.detach().float().reshape(()) for v in losses.values()])
+    flags = collectives.all_reduce(~torch.isfinite(vals), "max")  # on the loss's device; NCCL sees uint8
     bad = [n for n, b in zip(names, flags.tolist()) if b]
+    vals = vals.cpu()
     if bad or poisoned:
         total = total * float("nan")
     engine.backward(total)
@@ -241,13 +243,9 @@ def run(cfg: RunConfig) -> RunResult:
             samples_seen += t.micro_batch * t.grad_accum * world
             dt = time.perf_counter() - t0
             # Global (rank-mean) losses: each rank holds its share of the global mean (losses.py contract).
-            names = sorted(loss_sums)
-            vec = _all_reduce(torch.tensor([loss_sums[n] for n in names] + [float(tokens), flops],
-                                           dtype=torch.float64))
-            losses = {n: float(vec[i]) / world for i, n in enumerate(names)}
             # FLOPs this step executed on all ranks (skipped steps too: their compute was spent, and samples_seen
             # counts their samples as well).
-            step_flops = float(vec[-1])
+            losses, step_tokens, step_flops = reduce_step_totals(loss_sums, tokens, flops, world)
             train_flops += step_flops
             total = sum(o.weight * losses[o.name] for o in cfg.objectives if o.name in losses)
             result.losses.append({"step": step, **losses})
@@ -264,14 +262,14 @@ def run(cfg: RunConfig) -> RunResult:
                 metrics = {f"loss/{n}": v for n, v in losses.items()}
                 metrics.update({"loss/total": total, "lr": engine.lr, "step_time_s": dt,
                                 "samples_per_s": t.micro_batch * t.grad_accum * world / dt,
-                                "tokens_per_s": float(vec[-2]) / dt, "mfu": step_flops / world / dt / peak,
+                                "tokens_per_s": step_tokens / dt, "mfu": step_flops / world / dt / peak,
                                 "flops_analytic": float(analytic), "train_flops": train_flops,
                                 "skipped_steps": result.skipped, "samples_seen": samples_seen})
                 if norms:
                     metrics.update({f"grad_norm/{k}": v for k, v in norms.items()})
                 # Skipped samples by reason, summed over ranks: a collective, and every rank is here (log steps and
                 # skipped steps are the same on all ranks).
-                for reason, n in loader.all_counters().items():
+                for reason, n in loader.all_counters(gather_objects=collectives.all_gather_objects).items():
                     metrics[f"skipped_{reason}"] = n
                 tracker.log(step, metrics)
             tracker.progress(step, {"loss": total})

@@ -25,6 +25,7 @@ from medfm.pretrain.checkpoint import CheckpointManager, git_commit, rng_state, 
 from medfm.pretrain.config import RunConfig
 from medfm.pretrain.engine import Engine, init_distributed, setup_environment
 from medfm.pretrain.faults import FaultInjector
+from medfm.pretrain.peak_flops import measure_peak_flops, mfu_metrics, mfu_peak  # noqa: F401 (re-export)
 from medfm.pretrain.step_flops import analytic_covers, analytic_micro_step_flops
 from medfm.pretrain.tracking import Tracker, flatten
 from medfm.schema import ConfigError, to_dict
@@ -39,24 +40,6 @@ class RunResult:
     message: str = ""
     run_id: str | None = None
     train_flops: float = 0.0  # cumulative model FLOPs (fwd + bwd, all ranks), carried across resumes
-
-
-def measure_peak_flops(dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
-    """Dense matmul FLOP/s of this device (the best of a few runs) — the MFU denominator when none is declared."""
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    a = torch.randn(n, n, device=dev, dtype=dtype)
-    b = torch.randn(n, n, device=dev, dtype=dtype)
-    a @ b  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        a @ b
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
 
 
 def reduce_step_totals(loss_sums: dict[str, float], tokens: float, flops: float, world: int):
@@ -189,11 +172,11 @@ def run(cfg: RunConfig) -> RunResult:
         set_rng_state(client["rng"])
     manifests = {s.name: s.fingerprint for s in loader.sources}
     commit = git_commit()
+    peak, peak_source = mfu_peak(t.peak_tflops, engine.device, engine.dtype)  # MFU's denominator and its source
     tracker = Tracker(cfg.tracking, run_dir, rank, flatten(to_dict(cfg)),
-                      {"git_commit": commit, "world_size": str(world), "strategy": t.strategy,
+                      {"git_commit": commit, "world_size": str(world), "strategy": t.strategy, "mfu_peak": peak_source,
                        **{f"manifest.{k}": v for k, v in manifests.items()}},
                       t.steps, start, progress=t.progress)
-    peak = t.peak_tflops * 1e12 if t.peak_tflops else measure_peak_flops(engine.dtype)
     flops_by_group: dict[str, float] = {}  # counter source: fwd+bwd FLOPs of one optimizer step per plan group
     analytic = analytic_covers(engine.module)
     result = RunResult("finished", start)
@@ -262,7 +245,7 @@ def run(cfg: RunConfig) -> RunResult:
                 metrics = {f"loss/{n}": v for n, v in losses.items()}
                 metrics.update({"loss/total": total, "lr": engine.lr, "step_time_s": dt,
                                 "samples_per_s": t.micro_batch * t.grad_accum * world / dt,
-                                "tokens_per_s": step_tokens / dt, "mfu": step_flops / world / dt / peak,
+                                "tokens_per_s": step_tokens / dt, **mfu_metrics(step_flops / world / dt, peak, peak_source),
                                 "flops_analytic": float(analytic), "train_flops": train_flops,
                                 "skipped_steps": result.skipped, "samples_seen": samples_seen})
                 if norms:

@@ -144,7 +144,9 @@ class CheckpointManager:
 
         if self.rank != 0:  # DDP replicas are identical
             return
-        save_file({k: v.detach().contiguous().cpu() for k, v in engine.module.state_dict().items()},
+        # One host copy per key: on CPU ``.cpu()`` is a no-op, and tied weights (the caption decoder's embedding and
+        # lm_head) would reach safetensors sharing memory, which it refuses.
+        save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in engine.module.state_dict().items()},
                   str(path / "model.safetensors"))
         opt = engine.optimizer.state_dict()
         tensors, meta = {}, {"param_groups": opt["param_groups"], "state": {}}

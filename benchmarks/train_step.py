@@ -144,7 +144,7 @@ def mae_mfu(tmp: Path) -> dict:
 
     from medfm.model_zoo import build_multimodal
     from medfm.pretrain.losses import mae_loss
-    from medfm.pretrain.train import measure_peak_flops
+    from medfm.pretrain.peak_flops import measure_peak_flops
 
     cfg = {"towers": {"image": {"arch": "vit2d_small_p16", "overrides": {"img_size": 224}}}, "mae": ["image"],
            "mae_decoder": {"width": 256, "depth": 2, "num_heads": 8}}

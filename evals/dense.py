@@ -113,6 +113,7 @@ def extract_dense(model, index: SplitIndex, mask_index: SplitIndex, modality: st
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
+    from medfm.evals.devices import place
     from medfm.evals.features import _collate_config, get_accelerator
     from medfm.shards.collate import collate, fit
     from medfm.shards.plan import StepPlan
@@ -145,7 +146,7 @@ def extract_dense(model, index: SplitIndex, mask_index: SplitIndex, modality: st
     loader = accelerator.prepare_data_loader(
         DataLoader(_PairDataset(index, positions, mask_index, mask_pos), batch_size=batch_size, shuffle=False,
                    collate_fn=collate_fn), device_placement=True)
-    model = model.to(accelerator.device)
+    model = place(model, accelerator)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("hidden", "x", "masks", "spacing", "positions")}
     grid = None
     try:

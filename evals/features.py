@@ -234,10 +234,11 @@ def _save_cached(path: Path, feats: SplitFeatures, info: dict) -> None:
 
 def get_accelerator():
     """One Accelerator per process: gloo on CPU (NCCL would need GPUs), the launcher's world if any."""
-    import torch
     from accelerate import Accelerator, InitProcessGroupKwargs
 
-    cpu = not torch.cuda.is_available()
+    from medfm.evals.devices import default_device
+
+    cpu = default_device().type == "cpu"
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun / accelerate launch set it
     # The gloo handler only for a launched world: given alone it makes accelerate expect a process group.
     kwargs = [InitProcessGroupKwargs(backend="gloo")] if cpu and launched else []
@@ -256,6 +257,7 @@ def extract(model, model_hash: str, index: SplitIndex, modality: str, positions=
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
+    from medfm.evals.devices import place
     from medfm.shards.collate import collate
     from medfm.shards.plan import StepPlan
 
@@ -283,7 +285,7 @@ def extract(model, model_hash: str, index: SplitIndex, modality: str, positions=
     loader = DataLoader(SplitDataset(index, positions), batch_size=opts.batch_size, shuffle=False,
                         collate_fn=collate_fn)
     loader = accelerator.prepare_data_loader(loader, device_placement=True)
-    model = model.to(accelerator.device)
+    model = place(model, accelerator)
     pooled, embed, pos = [], [], []
     with torch.no_grad():
         for batch in tqdm(loader, desc=f"features {modality}/{index.split}", disable=not accelerator.is_main_process,
@@ -331,8 +333,10 @@ def text_tokenizer(model, kind: str = "auto", max_tokens: int = 128):
 
 
 def text_encoder(model, batch_size: int = 64, tokenizer: str = "auto"):
-    """prompts -> [n, D] joint-space embeddings, for zero-shot classifiers."""
+    """prompts -> [n, D] joint-space embeddings, for zero-shot classifiers (on whatever device the model is)."""
     import torch
+
+    from medfm.evals.devices import to_model_device
 
     if "text" not in model.towers:
         raise ProtocolError(f"zero-shot needs a text tower (model has {list(model.towers)})")
@@ -343,7 +347,8 @@ def text_encoder(model, batch_size: int = 64, tokenizer: str = "auto"):
         with torch.no_grad():
             for s in range(0, len(prompts), batch_size):
                 ids, valid = tok(list(prompts[s:s + batch_size]))
-                out.append(model.embed("text", {"text_ids": ids, "text_valid": valid}).float().cpu().numpy())
+                batch = to_model_device(model, {"text_ids": ids, "text_valid": valid})
+                out.append(model.embed("text", batch).float().cpu().numpy())
         return np.concatenate(out)
 
     return encode

@@ -95,7 +95,9 @@ def generate_reports(model, index: SplitIndex, modality: str, positions, opts: G
     accelerator = accelerator or get_accelerator()
     loader = accelerator.prepare_data_loader(DataLoader(SplitDataset(index, positions), batch_size=batch_size,
                                                         shuffle=False, collate_fn=collate_fn), device_placement=True)
-    model = model.to(accelerator.device)
+    from medfm.evals.devices import place
+
+    model = place(model, accelerator)
     ids_all, pos_all = [], []
     with torch.no_grad():
         for batch in tqdm(loader, desc=f"generate {modality}/{index.split}", leave=False,

@@ -6,7 +6,8 @@ Every backend implements the same contract, so towers never care which kernel ru
 * ``key_padding_mask`` bool ``[B, Nk]`` with **True = a real key** (same polarity as the loader's ``*_valid``
   masks). Padded keys get no attention weight. Queries are never dropped: a padded query still gets an output
   (attending to the real keys), which the caller ignores; this keeps shapes static for ZeRO-3 and compilers.
-* ``causal=True`` masks key j > query i (requires Nq == Nk; top-left aligned, as torch does).
+* ``causal=True`` masks key j > query i (requires Nq == Nk; top-left aligned, as torch does) — with padded keys
+  too, on every backend (flash-attn's own bottom-right alignment is worked around in ``_flash_causal_padded``).
 * A query whose keys are *all* padded gets a finite (meaningless) output instead of NaN on sdpa/math/xformers
   and zeros on flash-attn; towers only produce such rows for absent ("dummy") samples, whose outputs are masked
   out of every loss.
@@ -111,11 +112,13 @@ def _flash(q, k, v, key_padding_mask, causal, dropout_p, scale):
     b, h, nq, d = q.shape
     nk = k.shape[2]
     qt, kt, vt = (rearrange(t, "b h n d -> b n h d") for t in (q, k, v))
-    if key_padding_mask is None:
+    if key_padding_mask is None:  # causal here has Nq == Nk, where flash's alignment is the top-left one
         out = fa.flash_attn_func(qt, kt, vt, dropout_p=dropout_p, softmax_scale=scale, causal=causal)
         return rearrange(out, "b n h d -> b h n d")
-    # Variable-length path: every query stays, only padded keys are removed (cu_seqlens per sample).
     kpm = key_padding_mask.to(torch.bool)
+    if causal:
+        return _flash_causal_padded(fa, qt, kt, vt, kpm, dropout_p, scale)
+    # Variable-length path: every query stays, only padded keys are removed (cu_seqlens per sample).
     lens_k = kpm.sum(dim=1, dtype=torch.int32)
     cu_k = F.pad(torch.cumsum(lens_k, 0, dtype=torch.int32), (1, 0))
     cu_q = torch.arange(0, (b + 1) * nq, nq, dtype=torch.int32, device=q.device)
@@ -124,8 +127,40 @@ def _flash(q, k, v, key_padding_mask, causal, dropout_p, scale):
     v_un = rearrange(vt, "b n h d -> (b n) h d")[idx]
     q_un = rearrange(qt, "b n h d -> (b n) h d")
     out = fa.flash_attn_varlen_func(
-        q_un, k_un, v_un, cu_q, cu_k, nq, nk, dropout_p=dropout_p, softmax_scale=scale, causal=causal
+        q_un, k_un, v_un, cu_q, cu_k, nq, nk, dropout_p=dropout_p, softmax_scale=scale, causal=False
     )
+    return rearrange(out, "(b n) h d -> b h n d", b=b)
+
+
+def _flash_causal_padded(fa, qt, kt, vt, kpm, dropout_p, scale):
+    """Causal self-attention with padded keys on flash-attn, top-left aligned like every other backend.
+
+    flash-attn >= 2.1 aligns the causal mask *bottom-right* when a sample's query and key lengths differ, so the
+    plain varlen call (all queries, real keys only) would let query i see keys up to i + (len_k - N). For
+    right-padded masks (real keys first, the layout every medfm collate produces) the top-left rule splits into
+    two varlen calls with no such mismatch: real queries attend causally to the real keys (equal lengths, where
+    both alignments agree), padded queries (i >= len_k) attend to every real key (top-left: j <= i covers them
+    all). Any other mask (holes, left padding) has no varlen form: it goes to SDPA with the explicit top-left mask.
+    """
+    b, n = kpm.shape
+    lens = kpm.sum(dim=1, dtype=torch.int32)
+    right_padded = bool((kpm == (torch.arange(n, device=kpm.device)[None, :] < lens[:, None])).all())
+    if not right_padded:
+        q, k, v = (rearrange(t, "b n h d -> b h n d") for t in (qt, kt, vt))
+        mask = _additive_mask(kpm, True, n, n, q.dtype, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    flat = lambda t: rearrange(t, "b n h d -> (b n) h d")  # noqa: E731
+    real = kpm.flatten().nonzero(as_tuple=False).flatten()
+    pad = (~kpm).flatten().nonzero(as_tuple=False).flatten()
+    cu_real = F.pad(torch.cumsum(lens, 0, dtype=torch.int32), (1, 0))
+    cu_pad = F.pad(torch.cumsum(n - lens, 0, dtype=torch.int32), (1, 0))
+    k_un, v_un = flat(kt)[real], flat(vt)[real]
+    out = torch.zeros_like(flat(qt))
+    out[real] = fa.flash_attn_varlen_func(flat(qt)[real], k_un, v_un, cu_real, cu_real, n, n, dropout_p=dropout_p,
+                                          softmax_scale=scale, causal=True)
+    if pad.numel():
+        out[pad] = fa.flash_attn_varlen_func(flat(qt)[pad], k_un, v_un, cu_pad, cu_real, n, n, dropout_p=dropout_p,
+                                             softmax_scale=scale, causal=False)
     return rearrange(out, "(b n) h d -> b h n d", b=b)
 
 

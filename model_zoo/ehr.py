@@ -51,6 +51,16 @@ class EHRConfig:
         check_encoder_config(self)
 
 
+def time_freqs(n_features: int, device=None) -> torch.Tensor:
+    """Angular frequencies (rad/day) of the sin-cos time features: periods from 1 hour to 100 years, geometric.
+
+    Computed in fp32 at each call, not held as a buffer: a module cast to bf16 (DeepSpeed's bf16 mode) would round
+    a buffer to 8 mantissa bits, and at -1000 days the 1-hour feature's angle (~1.5e5 rad) would then be off by
+    hundreds of radians — training and (fp32) evaluation would see different features."""
+    periods = torch.logspace(math.log10(1.0 / 24.0), math.log10(36525.0), n_features // 2, dtype=torch.float64)
+    return (2 * math.pi / periods).to(device=device, dtype=torch.float32)
+
+
 class EHRTransformer(Tower):
     modality = "ehr"
     batch_keys = ("ehr_codes", "ehr_times", "ehr_values", "ehr_has_value", "ehr_valid")
@@ -66,10 +76,6 @@ class EHRTransformer(Tower):
         self.value_proj = nn.Linear(1, cfg.width)
         self.has_value_embed = nn.Parameter(torch.zeros(1, 1, cfg.width))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
-        # periods from 1/24 day to 100 years, geometric
-        half = cfg.time_features // 2
-        periods = torch.logspace(math.log10(1.0 / 24.0), math.log10(36525.0), half, dtype=torch.float64)
-        self.register_buffer("time_freqs", (2 * math.pi / periods).float(), persistent=False)
         self.blocks = encoder_blocks(cfg)
         self.norm = nn.LayerNorm(cfg.width, eps=1e-6)
         self.grad_checkpointing = cfg.grad_checkpointing
@@ -85,7 +91,7 @@ class EHRTransformer(Tower):
         codes = torch.where((codes >= self.cfg.vocab_size) | (codes < 0), torch.full_like(codes, UNK_ID), codes)
         x = self.code_embed(codes)
         if times is not None:
-            ang = times.float()[..., None] * self.time_freqs
+            ang = times.float()[..., None] * time_freqs(self.cfg.time_features, times.device)
             x = x + self.time_proj(torch.cat([ang.sin(), ang.cos()], dim=-1).to(x.dtype))
         if values is not None:
             hv = (has_value if has_value is not None else torch.ones_like(values)).to(x.dtype)[..., None]

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 # Reading a checkpoint into one fp32 state dict lives in model_zoo (evals and release use it without training
 # code); re-exported here for compatibility.
 from medfm.model_zoo.checkpoint_io import consolidate, model_state_dict  # noqa: F401
+from medfm.pretrain import collectives
 
 TAG_RE = re.compile(r"^step(\d+)$")
 
@@ -68,8 +68,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
+    collectives.barrier()
 
 
 def _write_json_atomic(path: Path, data) -> None:
@@ -145,7 +144,9 @@ class CheckpointManager:
 
         if self.rank != 0:  # DDP replicas are identical
             return
-        save_file({k: v.detach().contiguous().cpu() for k, v in engine.module.state_dict().items()},
+        # One host copy per key: on CPU ``.cpu()`` is a no-op, and tied weights (the caption decoder's embedding and
+        # lm_head) would reach safetensors sharing memory, which it refuses.
+        save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in engine.module.state_dict().items()},
                   str(path / "model.safetensors"))
         opt = engine.optimizer.state_dict()
         tensors, meta = {}, {"param_groups": opt["param_groups"], "state": {}}

@@ -125,7 +125,8 @@ def barrier(group=None) -> None:
     """Wait for every rank of the group (on the backend's device, so NCCL does not guess one)."""
     if not active(group):
         return
-    if dist.get_backend(group) == "nccl":
-        dist.barrier(group=group, device_ids=[torch.cuda.current_device()])
+    dev = device(group)
+    if dev.type == "cuda":
+        dist.barrier(group=group, device_ids=[dev.index])
     else:
         dist.barrier(group=group)

@@ -91,7 +91,7 @@ class TrainConfig:
     nan_guard: int = 3  # this many consecutive non-finite steps stop the run; 0 disables the stop
     grad_checkpointing: list[str] = field(default_factory=list)  # towers that recompute activations in backward
     tokenizer: Literal["tower", "bytes"] = "tower"  # text tokenizer: the text tower's HF one, or UTF-8 bytes
-    peak_tflops: float = 0.0  # per-device peak for MFU; 0 = measure a dense matmul at start
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0 = the GPU's published dense peak (pretrain/peak_flops.py)
     progress: bool = True
     # torch.compile each tower's forward (nn.Module.compile: parameter names unchanged). Opt-in: the first steps
     # pay the compile; DDP only (ZeRO-3's parameter hooks do not trace).

@@ -8,6 +8,7 @@ and schedule.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import warnings
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from medfm.pretrain import collectives, precision
 from medfm.pretrain.config import RunConfig, lr_factor
 from medfm.pretrain.ds_config import deepspeed_config
 from medfm.pretrain.objectives import PretrainModule, build_objective, check_objectives_fit_model
@@ -95,7 +97,7 @@ class Engine:
         self.rank, self.world_size = rank, world_size
         self.strategy = cfg.train.strategy
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
-        self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        self.dtype = precision.compute_dtype(cfg.train.precision)
         self.micro_step = 0
         self.ds_config = deepspeed_config(cfg, world_size) if self.strategy == "zero3" else None
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -168,9 +170,7 @@ class Engine:
             for owner in [model, *model.towers.values()]:
                 for p in owner.parameters(recurse=False):
                     deepspeed.zero.register_external_parameter(module, p)
-        if self.strategy == "ddp" and self.dtype == torch.bfloat16:
-            module = module.to(torch.bfloat16)
-        return module
+        return module  # DDP bf16 keeps fp32 parameters (master weights) and computes under autocast (precision.py)
 
     @contextmanager
     def eager(self):
@@ -195,22 +195,17 @@ class Engine:
         return (self.micro_step + 1) % self.grad_accum == 0
 
     def to_device(self, batch: dict) -> dict:
-        out = {}
-        for k, v in batch.items():
-            if torch.is_tensor(v):
-                v = v.to(self.device, non_blocking=True)
-                if v.is_floating_point() and self.dtype != torch.float32:
-                    v = v.to(self.dtype)
-            out[k] = v
-        return out
+        return precision.batch_to_device(batch, self.device, self.dtype)
 
     def forward(self, batch: dict, plan=None):
         """(losses dict, weighted total, tokens per modality) of one micro-batch."""
         batch = self.to_device(batch)
+        cast = precision.autocast(self.device, self.dtype) if self.strategy == "ddp" else nullcontext()
         if self.strategy == "ddp" and self.world_size > 1 and not self.is_boundary():
-            with self.wrapped.no_sync():
+            with self.wrapped.no_sync(), cast:
                 return self.wrapped(batch, plan)
-        return self.wrapped(batch, plan)
+        with cast:
+            return self.wrapped(batch, plan)
 
     def backward(self, total: torch.Tensor) -> None:
         if self.strategy == "zero3":
@@ -235,10 +230,9 @@ class Engine:
                 sq.append(0.0)
             if g is not None:
                 sq[idx] += float(g.detach().float().pow(2).sum())
-        totals = torch.tensor(sq, dtype=torch.float64)
-        if self.strategy == "zero3" and self.world_size > 1:
-            dist.all_reduce(totals)  # disjoint partitions: squared norms add up
-        return {k: float(totals[i].sqrt()) for k, i in groups.items()}
+        if self.strategy == "zero3":  # disjoint partitions: squared norms add up (DDP grads are already reduced)
+            sq = collectives.reduce_floats(sq)
+        return {k: math.sqrt(sq[i]) for k, i in groups.items()}
 
     def step(self, skip: bool = False) -> None:
         """Finish a micro-step; at the accumulation boundary apply (or, with ``skip``, discard) the update.

@@ -16,9 +16,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from medfm.pretrain import collectives
 
 # Logit written into excluded columns: finite (so 0 * term stays 0, never NaN) and far below any real logit
 # (|logit| <= logit_scale.exp() <= 100 for CLIP; SigLIP cells are removed by weight instead).
@@ -28,9 +29,7 @@ MAX_LOGIT_SCALE = math.log(100.0)
 
 def dist_info(group=None) -> tuple[int, int]:
     """(rank, world_size) of ``group``, or (0, 1) outside torch.distributed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(group), dist.get_world_size(group)
-    return 0, 1
+    return collectives.rank_world(group)
 
 
 def gather_features(x: torch.Tensor, gather_with_grad: bool = True, group=None) -> torch.Tensor:
@@ -38,14 +37,14 @@ def gather_features(x: torch.Tensor, gather_with_grad: bool = True, group=None) 
 
     With ``gather_with_grad`` the gather is differentiable (its backward sums the gradients of every rank's copy
     back onto the owner); without it the other ranks' rows are constants and only the local slice keeps its graph.
+    Runs in a world of one too (a gather with itself), so a one-GPU NCCL run exercises it.
     """
-    rank, world = dist_info(group)
-    if world == 1:
+    if not collectives.active(group):
         return x
     if gather_with_grad:
         return _GatherWithGrad.apply(x, group)
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.detach().contiguous(), group=group)
+    rank, _ = dist_info(group)
+    parts = collectives.all_gather(x, group)
     parts[rank] = x
     return torch.cat(parts, dim=0)
 
@@ -58,36 +57,25 @@ class _GatherWithGrad(torch.autograd.Function):
     def forward(ctx, x, group):
         ctx.group = group
         ctx.rows = x.shape[0]
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=0)
+        return torch.cat(collectives.all_gather(x, group), dim=0)
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        rank = dist.get_rank(ctx.group)
+        grad = collectives.all_reduce(grad.contiguous(), "sum", ctx.group)
+        rank, _ = dist_info(ctx.group)
         return grad[rank * ctx.rows:(rank + 1) * ctx.rows], None
 
 
 def gather_mask(mask: torch.Tensor, group=None) -> torch.Tensor:
-    """All-gather a bool [B] mask (no gradient)."""
-    _, world = dist_info(group)
-    if world == 1:
+    """All-gather a bool [B] mask (no gradient; collectives sends it as uint8, NCCL has no bool)."""
+    if not collectives.active(group):
         return mask
-    parts = [torch.empty_like(mask, dtype=torch.uint8) for _ in range(world)]
-    dist.all_gather(parts, mask.to(torch.uint8).contiguous(), group=group)
-    return torch.cat(parts).bool()
+    return torch.cat(collectives.all_gather(mask.bool(), group))
 
 
 def global_count(count: torch.Tensor, group=None) -> torch.Tensor:
     """Sum a local count over ranks (float, no gradient)."""
-    count = count.detach().to(torch.float32).reshape(())
-    _, world = dist_info(group)
-    if world > 1:
-        count = count.clone()
-        dist.all_reduce(count, group=group)
-    return count
+    return collectives.all_reduce(count.detach().to(torch.float32).reshape(()), "sum", group)
 
 
 def share_of_global_mean(local_sum: torch.Tensor, local_count: torch.Tensor, group=None) -> torch.Tensor:

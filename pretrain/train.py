@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import yaml
 
+from medfm.pretrain import collectives
 from medfm.pretrain.checkpoint import CheckpointManager, git_commit, rng_state, set_rng_state
 from medfm.pretrain.config import RunConfig
 from medfm.pretrain.engine import Engine, init_distributed, setup_environment
 from medfm.pretrain.faults import FaultInjector
+from medfm.pretrain.peak_flops import measure_peak_flops, mfu_metrics, mfu_peak  # noqa: F401 (re-export)
 from medfm.pretrain.step_flops import analytic_covers, analytic_micro_step_flops
 from medfm.pretrain.tracking import Tracker, flatten
 from medfm.schema import ConfigError, to_dict
@@ -41,28 +42,12 @@ class RunResult:
     train_flops: float = 0.0  # cumulative model FLOPs (fwd + bwd, all ranks), carried across resumes
 
 
-def measure_peak_flops(dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
-    """Dense matmul FLOP/s of this device (the best of a few runs) — the MFU denominator when none is declared."""
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    a = torch.randn(n, n, device=dev, dtype=dtype)
-    b = torch.randn(n, n, device=dev, dtype=dtype)
-    a @ b  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        a @ b
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
-
-
-def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-    return t
+def reduce_step_totals(loss_sums: dict[str, float], tokens: float, flops: float, world: int):
+    """(rank-mean losses, tokens, FLOPs) of one step over all ranks: one float64 all-reduce (collectives places it).
+    Each rank holds its share of the global mean loss (losses.py contract), so the sum over ranks / world is it."""
+    names = sorted(loss_sums)
+    vec = collectives.reduce_floats([loss_sums[n] for n in names] + [float(tokens), float(flops)])
+    return {n: vec[i] / world for i, n in enumerate(names)}, vec[-2], vec[-1]
 
 
 def build_data(cfg: RunConfig, engine: Engine, rank: int, world: int):
@@ -128,10 +113,10 @@ def _micro_step(engine: Engine, batch: dict, plan, poisoned: bool):
     DeepSpeed's invalid-gradient-norm check turns into a dropped step."""
     losses, total, tok = engine.forward(batch, plan)
     names = list(losses)
-    vals = torch.stack([v.detach().float().reshape(()) for v in losses.values()]).cpu()
-    flags = (~torch.isfinite(vals)).float()
-    _all_reduce(flags, dist.ReduceOp.MAX)
+    vals = torch.stack([v.detach().float().reshape(()) for v in losses.values()])
+    flags = collectives.all_reduce(~torch.isfinite(vals), "max")  # on the loss's device; NCCL sees uint8
     bad = [n for n, b in zip(names, flags.tolist()) if b]
+    vals = vals.cpu()
     if bad or poisoned:
         total = total * float("nan")
     engine.backward(total)
@@ -187,11 +172,11 @@ def run(cfg: RunConfig) -> RunResult:
         set_rng_state(client["rng"])
     manifests = {s.name: s.fingerprint for s in loader.sources}
     commit = git_commit()
+    peak, peak_source = mfu_peak(t.peak_tflops, engine.device, engine.dtype)  # MFU's denominator and its source
     tracker = Tracker(cfg.tracking, run_dir, rank, flatten(to_dict(cfg)),
-                      {"git_commit": commit, "world_size": str(world), "strategy": t.strategy,
+                      {"git_commit": commit, "world_size": str(world), "strategy": t.strategy, "mfu_peak": peak_source,
                        **{f"manifest.{k}": v for k, v in manifests.items()}},
                       t.steps, start, progress=t.progress)
-    peak = t.peak_tflops * 1e12 if t.peak_tflops else measure_peak_flops(engine.dtype)
     flops_by_group: dict[str, float] = {}  # counter source: fwd+bwd FLOPs of one optimizer step per plan group
     analytic = analytic_covers(engine.module)
     result = RunResult("finished", start)
@@ -241,13 +226,9 @@ def run(cfg: RunConfig) -> RunResult:
             samples_seen += t.micro_batch * t.grad_accum * world
             dt = time.perf_counter() - t0
             # Global (rank-mean) losses: each rank holds its share of the global mean (losses.py contract).
-            names = sorted(loss_sums)
-            vec = _all_reduce(torch.tensor([loss_sums[n] for n in names] + [float(tokens), flops],
-                                           dtype=torch.float64))
-            losses = {n: float(vec[i]) / world for i, n in enumerate(names)}
             # FLOPs this step executed on all ranks (skipped steps too: their compute was spent, and samples_seen
             # counts their samples as well).
-            step_flops = float(vec[-1])
+            losses, step_tokens, step_flops = reduce_step_totals(loss_sums, tokens, flops, world)
             train_flops += step_flops
             total = sum(o.weight * losses[o.name] for o in cfg.objectives if o.name in losses)
             result.losses.append({"step": step, **losses})
@@ -264,14 +245,14 @@ def run(cfg: RunConfig) -> RunResult:
                 metrics = {f"loss/{n}": v for n, v in losses.items()}
                 metrics.update({"loss/total": total, "lr": engine.lr, "step_time_s": dt,
                                 "samples_per_s": t.micro_batch * t.grad_accum * world / dt,
-                                "tokens_per_s": float(vec[-2]) / dt, "mfu": step_flops / world / dt / peak,
+                                "tokens_per_s": step_tokens / dt, **mfu_metrics(step_flops / world / dt, peak, peak_source),
                                 "flops_analytic": float(analytic), "train_flops": train_flops,
                                 "skipped_steps": result.skipped, "samples_seen": samples_seen})
                 if norms:
                     metrics.update({f"grad_norm/{k}": v for k, v in norms.items()})
                 # Skipped samples by reason, summed over ranks: a collective, and every rank is here (log steps and
                 # skipped steps are the same on all ranks).
-                for reason, n in loader.all_counters().items():
+                for reason, n in loader.all_counters(gather_objects=collectives.all_gather_objects).items():
                     metrics[f"skipped_{reason}"] = n
                 tracker.log(step, metrics)
             tracker.progress(step, {"loss": total})

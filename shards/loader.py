@@ -528,18 +528,24 @@ class ShardLoader:
         self.counters = SkipCounters(state.get("counters") or {})
         self.bad_in_order = SkipCounters(state.get("bad_in_order") or {})
 
-    def all_counters(self, which: str = "counters") -> dict[str, int]:
-        """``counters`` (or ``bad_in_order``) summed over all ranks; a collective under torch.distributed."""
+    def all_counters(self, which: str = "counters", gather_objects=None) -> dict[str, int]:
+        """``counters`` (or ``bad_in_order``) summed over all ranks; a collective under torch.distributed.
+
+        ``gather_objects(obj) -> [obj of every rank]`` is the caller's collective (training passes
+        ``medfm.pretrain.collectives.all_gather_objects``, the one owner of the collectives medfm issues; shards never
+        import training code). Without it, inside a world of more than one process, this refuses rather than
+        return one rank's counts as if they were the total."""
         mine = getattr(self, which)
         if not isinstance(mine, SkipCounters):
             raise ValueError(f"which must be 'counters' or 'bad_in_order', got {which!r}")
-        total = SkipCounters(mine.counts)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, mine.as_dict())
-            total = SkipCounters()
-            for c in gathered:
-                total.update(c)
+        if gather_objects is None:
+            if self.world_size > 1:
+                raise ValueError("all_counters: a world of more than one process needs gather_objects "
+                                 "(e.g. medfm.pretrain.collectives.all_gather_objects)")
+            return SkipCounters(mine.counts).as_dict()
+        total = SkipCounters()
+        for c in gather_objects(mine.as_dict()):
+            total.update(c)
         return total.as_dict()
 
 

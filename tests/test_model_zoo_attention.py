@@ -1,11 +1,22 @@
-"""Every attention backend available here equals the math reference, forward and backward, with and without masks."""
+"""Every attention backend available here equals the math reference, forward and backward, with and without masks.
+
+"Here" is the current device: on a CUDA host the fused kernels (flash-attn, xformers, in bf16) are collected too.
+On CPU the flash-attn path's own logic (varlen calls, the causal+padding work-around) runs against a fake
+flash_attn module that reproduces flash-attn >= 2.1's semantics, bottom-right causal alignment included.
+"""
+
+import importlib
 
 import pytest
 import torch
 
 from medfm.model_zoo.attention import Attention, attention, available_backends, resolve_backend
 
+attention_mod = importlib.import_module("medfm.model_zoo.attention")  # the package re-exports the function
 B, H, N, D = 2, 3, 7, 8
+DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32  # the fused kernels' dtype on CUDA
+TOL = 2e-2 if DTYPE == torch.bfloat16 else 1e-5
 
 
 def _qkv(nq=N, nk=N, dtype=torch.float32, seed=0):
@@ -31,19 +42,68 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", [b for b in available_backends("cpu") if b != "math"])
-@pytest.mark.parametrize("pad,causal,nk", CASES)
-def test_backend_matches_math_forward_backward(backend, pad, causal, nk):
-    kpm = _padding(nk) if pad else None
+def _assert_matches_math(fn, pad, causal, nk, device=DEVICE, dtype=DTYPE, tol=TOL):
+    """``fn(q, k, v, kpm, causal)`` on ``device``/``dtype`` equals fp32 math on the CPU, forward and backward."""
+    kpm = _padding(nk) if isinstance(pad, str) else pad
     q, k, v = _qkv(nk=nk)
     ref = attention(q, k, v, key_padding_mask=kpm, causal=causal, backend="math")
     grads_ref = torch.autograd.grad(ref.square().sum(), (q, k, v))
-    q2, k2, v2 = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-    out = attention(q2, k2, v2, key_padding_mask=kpm, causal=causal, backend=backend)
-    grads = torch.autograd.grad(out.square().sum(), (q2, k2, v2))
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    q2, k2, v2 = (t.detach().to(device, dtype).requires_grad_(True) for t in (q, k, v))
+    out = fn(q2, k2, v2, None if kpm is None else kpm.to(device), causal)
+    grads = torch.autograd.grad(out.float().square().sum(), (q2, k2, v2))
+    torch.testing.assert_close(out.float().cpu(), ref, atol=tol, rtol=tol)
     for g, gr in zip(grads, grads_ref):
-        torch.testing.assert_close(g, gr, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(g.float().cpu(), gr, atol=tol * float(gr.abs().max()), rtol=tol)
+
+
+@pytest.mark.parametrize("backend", [b for b in available_backends(DEVICE, DTYPE) if b != "math"])
+@pytest.mark.parametrize("pad,causal,nk", CASES)
+def test_backend_matches_math_forward_backward(backend, pad, causal, nk):
+    _assert_matches_math(lambda q, k, v, kpm, c: attention(q, k, v, key_padding_mask=kpm, causal=c, backend=backend),
+                         pad, causal, nk)
+
+
+class FakeFlashAttn:
+    """flash_attn's two entry points in plain torch, with flash-attn >= 2.1's semantics: causal is aligned to the
+    bottom-right corner when a sequence's query and key lengths differ, and a query with no key gets zeros."""
+
+    @staticmethod
+    def _one(q, k, v, scale, causal):  # [Lq, H, D], [Lk, H, D]
+        lq, lk = q.shape[0], k.shape[0]
+        if lk == 0:
+            return torch.zeros_like(q)
+        s = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * scale
+        if causal:
+            allowed = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + (lk - lq)
+            s = s.masked_fill(~allowed, float("-inf"))
+        p = torch.nan_to_num(s.softmax(dim=-1), nan=0.0)
+        return torch.einsum("hqk,khd->qhd", p, v.float()).to(q.dtype)
+
+    def flash_attn_func(self, q, k, v, dropout_p=0.0, softmax_scale=None, causal=False):
+        return torch.stack([self._one(q[i], k[i], v[i], softmax_scale, causal) for i in range(q.shape[0])])
+
+    def flash_attn_varlen_func(self, q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None,
+                               causal=False):
+        parts = [self._one(q[cu_q[i]:cu_q[i + 1]], k[cu_k[i]:cu_k[i + 1]], v[cu_k[i]:cu_k[i + 1]], softmax_scale,
+                           causal) for i in range(len(cu_q) - 1)]
+        return torch.cat(parts) if parts else q[:0]
+
+
+def _holes(nk=N):
+    mask = torch.ones(B, nk, dtype=torch.bool)
+    mask[0, 2] = False  # holes: no varlen form under causal (key 0 stays real: no query is left without keys)
+    mask[1, 3:5] = False
+    return mask
+
+
+@pytest.mark.parametrize("pad,causal,nk", [*CASES, pytest.param(_holes(), True, N, id="holes+causal"),
+                                           pytest.param(_holes(), False, N, id="holes")])
+def test_flash_path_logic_matches_math(monkeypatch, pad, causal, nk):
+    fake = FakeFlashAttn()
+    monkeypatch.setattr(attention_mod, "_optional", lambda m: fake if m == "flash_attn" else None)
+    scale = 1.0 / D**0.5
+    _assert_matches_math(lambda q, k, v, kpm, c: attention_mod._flash(q, k, v, kpm, c, 0.0, scale), pad, causal, nk,
+                         device=torch.device("cpu"), dtype=torch.float32, tol=1e-5)
 
 
 def test_padded_keys_get_no_weight():

@@ -71,6 +71,7 @@ def make_dataset(out_dir, n: int, prefix: str = "ds", modalities=("image", "text
 def _worker(config_path: str) -> None:
     import torch.distributed as dist
 
+    from medfm.pretrain import collectives
     from medfm.shards.loader import build_loader
 
     spec = json.loads(Path(config_path).read_text())
@@ -94,8 +95,10 @@ def _worker(config_path: str) -> None:
                 break
         if stop_at is not None and loader.step >= stop_at:
             break
-    out = {"rank": rank, "steps": steps, "counters": loader.counters.as_dict(), "all_counters": loader.all_counters(),
-           "all_bad_in_order": loader.all_counters("bad_in_order"),
+    gather = collectives.all_gather_objects
+    out = {"rank": rank, "steps": steps, "counters": loader.counters.as_dict(),
+           "all_counters": loader.all_counters(gather_objects=gather),
+           "all_bad_in_order": loader.all_counters("bad_in_order", gather_objects=gather),
            "state": loader.state_dict(), "snapshot": snapshot,
            "steps_per_epoch": loader.steps_per_epoch}
     Path(spec["out"].format(rank=rank)).write_text(json.dumps(out))

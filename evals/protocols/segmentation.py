@@ -133,9 +133,9 @@ def _dice_ce_loss(logits, target, n_classes: int, dice_weight: float):
 
 
 def _device(opts: SegmentationOptions) -> str:
-    import torch
+    from medfm.evals.devices import default_device
 
-    return ("cuda" if torch.cuda.is_available() else "cpu") if opts.device == "auto" else opts.device
+    return str(default_device()) if opts.device == "auto" else opts.device
 
 
 def _predict(decoder, split: DenseSplit, batch_size: int, device) -> np.ndarray:

@@ -41,7 +41,10 @@ class _Codec:
             return
         if "text" not in model.towers:
             raise ProtocolError("generation with tokenizer: tower needs a text tower (or use tokenizer: bytes)")
-        tok = model.towers["text"].tokenizer
+        from medfm.evals.features import text_tokenizer_spec
+        from medfm.model_zoo.tokenizers import hf_tokenizer
+
+        tok = hf_tokenizer(text_tokenizer_spec(model, kind))
         bos = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
         eos = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
         if bos is None or eos is None:

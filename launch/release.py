@@ -203,11 +203,16 @@ def release(checkpoint, name: str, version: str, zoo=None, eval_report=None, for
     if missing or unexpected:
         raise ConfigError(f"{root / tag}: weights do not fit the saved model config (missing {missing[:3]}, "
                           f"unexpected {unexpected[:3]})")
+    tokenizer = None
+    if "text" in model.towers:  # the tokenizer training used (pretrain's build_data makes the same decision)
+        from medfm.model_zoo.tokenizers import spec_from_run_config
+
+        tokenizer = spec_from_run_config(model.towers["text"], config)
     sources = _source_manifests(config)
     card, provenance = build_card(name, version, model, config, client, sources, report, f"{root / tag}")
     dest = zoo_obj.publish(model, ref, config=mcfg, card=card, preprocessing=_preprocessing(sources, config),
                            force=force, summary=f"step {client.get('step')}, {provenance['parameters']:,} params",
-                           extra=provenance)
+                           extra=provenance, tokenizer=tokenizer)
     log(f"released {ref} -> {dest}")
     return dest
 

@@ -90,3 +90,51 @@ def test_release_bad_inputs_are_one_line_errors(trained, tmp_path, capsys):
     assert main(["release", str(root / "run"), "--name", "x", "--version", "1", "--zoo", str(tmp_path),
                  "--eval", str(bad)]) == 2
     assert "not valid JSON" in capsys.readouterr().err
+
+
+CAPTIONS = ["axial T1 brain slice, grey matter", "sagittal T2 slice of the cerebellum", "white matter, coronal"]
+
+
+def test_released_text_tower_tokenizes_as_trained(trained):
+    """A bytes-trained text tower's release carries its tokenizer: captions get distinct ids (the byte ids training
+    used) and distinct embeddings, via the same path medfm eval takes (old code: a 5-id tokenizer rebuilt from a
+    bare config.json gave every caption [2, 1, ..., 3] and one constant embedding)."""
+    import numpy as np
+
+    from medfm.evals.features import load_model, text_encoder, text_tokenizer
+    from medfm.shards.collate import ByteTokenizer
+
+    root, _, _ = trained
+    zoo = root / "zoo-tok"
+    assert main(["release", str(root / "run"), "--name", "toy", "--version", "1.0", "--zoo", str(zoo)]) == 0
+    meta = json.loads((zoo / "toy" / "1.0" / "config.json").read_text())
+    assert meta["tokenizer"] == {"kind": "bytes", "vocab_size": 259, "max_tokens": 16}
+    model, _, kind = load_model(zoo / "toy" / "1.0")
+    assert kind == "release"
+    ids, valid = text_tokenizer(model)(CAPTIONS)
+    want, want_valid = ByteTokenizer(16)(CAPTIONS)
+    assert torch.equal(ids, want) and torch.equal(valid, want_valid)
+    assert len({tuple(r[v].tolist()) for r, v in zip(ids, valid)}) == len(CAPTIONS)
+    emb = text_encoder(model)(CAPTIONS)
+    assert np.ptp(emb, axis=0).max() > 1e-3  # not one constant vector
+    # the checkpoint itself decides the same way (its saved run config)
+    ckpt_model, _, _ = load_model(root / "run")
+    assert ckpt_model.text_tokenizer_spec == model.text_tokenizer_spec
+    np.testing.assert_allclose(text_encoder(ckpt_model)(CAPTIONS), emb, atol=1e-6)
+
+
+def test_release_without_a_reconstructible_tokenizer_is_refused(trained, tmp_path):
+    """A text tower whose release records no tokenizer and stores no tokenizer files cannot be evaluated honestly."""
+    from medfm.model_zoo import load
+    from medfm.model_zoo.release import ReleaseError, _write_checksums
+
+    root, _, _ = trained
+    zoo = tmp_path / "zoo"
+    assert main(["release", str(root / "run"), "--name", "toy", "--version", "1.0", "--zoo", str(zoo)]) == 0
+    rel = zoo / "toy" / "1.0"
+    meta = json.loads((rel / "config.json").read_text())
+    del meta["tokenizer"]  # as releases were written before the spec existed
+    (rel / "config.json").write_text(json.dumps(meta))
+    _write_checksums(rel)
+    with pytest.raises(ReleaseError, match="tokenizer cannot be reconstructed"):
+        load(rel)

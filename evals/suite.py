@@ -227,8 +227,12 @@ def run_task(task: TaskConfig, suite: EvalSuite, feats: _Features, main: bool = 
         if not main:
             return TaskResult(task.name, task.protocol, task.kind, task.modality, "ok")
         opts = dict(task.options)
+        from medfm.evals.data import read_samples
+
+        strings = [smp.text for smp in read_samples(index, pos)]  # identical texts: one positive set
         res = retrieval.retrieval(items.embed, texts.embed, index.patients[pos], modality=task.modality,
-                                  ks=opts.get("ks", (1, 5, 10)), n_boot=suite.n_boot, seed=suite.seed)
+                                  ks=opts.get("ks", (1, 5, 10)), n_boot=suite.n_boot, seed=suite.seed,
+                                  texts=strings)
         return TaskResult(task.name, task.protocol, task.kind, task.modality, "ok", res.rows, info=res.info)
 
     use = "embed" if task.protocol == "zeroshot" else "pooled"
@@ -240,7 +244,8 @@ def run_task(task: TaskConfig, suite: EvalSuite, feats: _Features, main: bool = 
     if not main:
         return TaskResult(task.name, task.protocol, task.kind, task.modality, "ok")
     if task.protocol == "fewshot":
-        res = fewshot.few_shot(info_task, train, val, test, _options(fewshot.FewShotOptions, task))
+        res = fewshot.few_shot(info_task, train, val, test, _options(fewshot.FewShotOptions, task), suite.n_boot,
+                               suite.seed)
         return TaskResult(task.name, task.protocol, task.kind, task.modality, "ok", res.rows, info=res.info)
     if task.protocol == "logistic":
         pred, info = linear.logistic_probe(info_task, train, val, test, _options(linear.LogisticOptions, task))

@@ -138,3 +138,43 @@ def test_release_without_a_reconstructible_tokenizer_is_refused(trained, tmp_pat
     _write_checksums(rel)
     with pytest.raises(ReleaseError, match="tokenizer cannot be reconstructed"):
         load(rel)
+
+
+def test_the_release_reproduces_its_card(trained, tmp_path):
+    """Evaluate the checkpoint, release it with that report as its card, evaluate the release with `medfm eval`:
+    the zero-shot and retrieval rows (same suite, same seed) are the card's, to the printed digit and exactly in
+    report.json. Old code re-read the release's text with another tokenizer, so its text numbers were not the card's."""
+    import yaml
+
+    from medfm.launch.release import _eval_table
+
+    root, shards, _ = trained
+    names = ["left effusion", "normal study", "cardiomegaly", "rib fracture"]  # make_sample's captions by class
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text(yaml.safe_dump({"templates": ["{}"], "classes": {f"c{k}": [t] for k, t in enumerate(names)}}))
+    data = {"dir": str(shards), "train": "train", "val": None, "test": "train"}  # the fixture has one split
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump({"name": "repro", "n_boot": 50, "seed": 0, "tasks": [
+        {"name": "cls_zeroshot", "data": data, "modality": "image", "kind": "multiclass", "label": "cls",
+         "classes": [f"c{k}" for k in range(4)], "protocol": "zeroshot", "prompts": str(prompts)},
+        {"name": "pairs_retrieval", "data": data, "modality": "image", "protocol": "retrieval",
+         "options": {"ks": [1, 5]}}]}))
+    assert main(["eval", str(root / "run"), "--suite", str(suite), "--out", str(tmp_path / "ev_ckpt")]) == 0
+    zoo = tmp_path / "zoo"
+    assert main(["release", str(root / "run"), "--name", "repro", "--version", "1", "--zoo", str(zoo),
+                 "--eval", str(tmp_path / "ev_ckpt" / "report.json")]) == 0
+    rel = zoo / "repro" / "1"
+    assert main(["eval", str(rel), "--suite", str(suite), "--out", str(tmp_path / "ev_rel")]) == 0
+    card = (rel / "README.md").read_text()
+    before = json.loads((tmp_path / "ev_ckpt" / "report.json").read_text())
+    again = json.loads((tmp_path / "ev_rel" / "report.json").read_text())
+    rows = [ln for ln in _eval_table(again) if ln.startswith(("| cls_zeroshot", "| pairs_retrieval"))]
+    assert len(rows) == len(again["results"]) >= 6  # zero-shot metrics + R@1, R@5 both ways
+    missing = [ln for ln in rows if ln not in card]
+    assert not missing, f"release rows not on its card: {missing}"
+    key = ("task", "metric", "params")
+    got = {json.dumps([r[k] for k in key]): (r["value"], r["ci"]) for r in again["results"]}
+    want = {json.dumps([r[k] for k in key]): (r["value"], r["ci"]) for r in before["results"]}
+    assert got == want
+    retrieval_info = next(t["info"] for t in again["tasks"] if t["task"] == "pairs_retrieval")
+    assert retrieval_info["n_distinct_texts"] == 4

@@ -467,8 +467,12 @@ def stage_report(out: Path, corpus: dict, run_dir: Path, pre: Path, rnd: Path, r
         lines.append(f"| {name} | {c['samples']} | {', '.join(f'{k} {v}' for k, v in c['splits'].items())} |")
     lines += ["", "Contact sheet of the genuine real files: ![contact sheet](contact_sheet.png)", "",
               "## Pretraining", "", f"Run directory `{run_dir}` (resolved config, checkpoints, mlflow.db, "
-              "metrics.jsonl, per-rank logs).", "", "![loss curves](loss_curve.png)", "",
-              "## Pretrained encoder vs the same architecture at random init", ""]
+              "metrics.jsonl, per-rank logs).", "", "![loss curves](loss_curve.png)", ""]
+    for png in sorted(run_dir.glob("mae_*.png")):  # written at the end of pretraining (pretrain/mae_figure.py)
+        shutil.copy(png, rep_dir / png.name)
+        lines += [f"MAE {png.stem.removeprefix('mae_')} (input / masked / reconstruction): ![{png.stem}]({png.name})",
+                  ""]
+    lines += ["## Pretrained encoder vs the same architecture at random init", ""]
     lines += verdict_lines(head)
     lines += ["", "Zero-shot and retrieval at random init use the same byte tokenizer as the pretrained model (the "
                   "release carries it), so their rows are what an untrained text tower really scores. Retrieval "

@@ -284,6 +284,10 @@ def run(cfg: RunConfig) -> RunResult:
     except BaseException:
         tracker.finish("FAILED")
         raise
+    if result.status == "finished":  # MAE reconstructions PNG: every rank runs the same forwards, rank 0 writes
+        from medfm.pretrain.mae_figure import write_mae_figures
+
+        write_mae_figures(engine.module.model, cfg, run_dir, rank)
     result.step = step
     result.train_flops = train_flops
     result.run_id = tracker.run_id

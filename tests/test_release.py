@@ -178,3 +178,15 @@ def test_the_release_reproduces_its_card(trained, tmp_path):
     assert got == want
     retrieval_info = next(t["info"] for t in again["tasks"] if t["task"] == "pairs_retrieval")
     assert retrieval_info["n_distinct_texts"] == 4
+
+
+def test_pretraining_writes_the_mae_reconstruction_png(trained):
+    """The run directory holds input / masked / reconstruction for its image MAE objective (written by every rank's
+    forwards, rank 0's PNG) — what people check first of an MAE run."""
+    from PIL import Image
+
+    root, _, _ = trained
+    png = root / "run" / "mae_image.png"
+    assert png.is_file()
+    w, h = Image.open(png).size
+    assert w > 300 and h > 300

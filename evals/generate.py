@@ -99,6 +99,13 @@ def generate_reports(model, index: SplitIndex, modality: str, positions, opts: G
     loader = accelerator.prepare_data_loader(DataLoader(SplitDataset(index, positions), batch_size=batch_size,
                                                         shuffle=False, collate_fn=collate_fn), device_placement=True)
     model = model.to(accelerator.device)
+
+    def all_done(local: bool) -> bool:  # stop only when every process's batch is done: equal decoder forwards
+        if accelerator.num_processes == 1:
+            return local
+        flags = accelerator.reduce(torch.tensor([float(local)], device=accelerator.device), reduction="sum")
+        return int(flags.item()) == accelerator.num_processes
+
     ids_all, pos_all = [], []
     with torch.no_grad():
         for batch in tqdm(loader, desc=f"generate {modality}/{index.split}", leave=False,
@@ -110,7 +117,8 @@ def generate_reports(model, index: SplitIndex, modality: str, positions, opts: G
             if valid is not None:  # prefix tokens (CLS, registers) are always attendable, as in training
                 pre = torch.ones(valid.shape[0], tower.num_prefix_tokens, dtype=torch.bool, device=valid.device)
                 ctx_mask = torch.cat([pre, valid], dim=1)
-            ids = decoder.generate(tokens, modality, codec.bos, codec.eos, opts.max_new_tokens, ctx_mask)
+            ids = decoder.generate(tokens, modality, codec.bos, codec.eos, opts.max_new_tokens, ctx_mask,
+                                   all_done=all_done)
             ids = torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=codec.eos)  # equal widths to gather
             got = accelerator.gather_for_metrics({"ids": ids, "positions": batch["positions"]})
             ids_all.append(got["ids"].cpu().numpy())

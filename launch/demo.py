@@ -468,6 +468,12 @@ def stage_report(out: Path, corpus: dict, run_dir: Path, pre: Path, rnd: Path, r
     lines += ["", "Contact sheet of the genuine real files: ![contact sheet](contact_sheet.png)", "",
               "## Pretraining", "", f"Run directory `{run_dir}` (resolved config, checkpoints, mlflow.db, "
               "metrics.jsonl, per-rank logs).", "", "![loss curves](loss_curve.png)", ""]
+    if not any(run_dir.glob("mae_*.png")):  # a reused run trained before the figure existed: draw it from the release
+        from medfm.model_zoo import load
+        from medfm.pretrain.config import load_run_config
+        from medfm.pretrain.mae_figure import write_mae_figures
+
+        write_mae_figures(load(release_dir), load_run_config(out / "pretrain.yaml"), run_dir)
     for png in sorted(run_dir.glob("mae_*.png")):  # written at the end of pretraining (pretrain/mae_figure.py)
         shutil.copy(png, rep_dir / png.name)
         lines += [f"MAE {png.stem.removeprefix('mae_')} (input / masked / reconstruction): ![{png.stem}]({png.name})",

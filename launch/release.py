@@ -152,7 +152,7 @@ def build_card(name: str, version: str, model, config: dict, client: dict, sourc
     if report is not None:
         from medfm.evals.bootstrap import MIN_VALID_SHARE
 
-        lines.append(f"\nSource: {report.get('source', NOT_RECORDED)}; CIs are 95% bootstrap intervals resampled "
+        lines.append(f"\nSource: {report.get('source') or (report.get('model') or {}).get('source') or NOT_RECORDED}; CIs are 95% bootstrap intervals resampled "
                      "at patient level over the test set (few-shot: draws nested inside), clipped to the metric's "
                      f"range; 'unstable' = fewer than {MIN_VALID_SHARE:.0%} of the resamples had the metric defined. "
                      "Retrieval treats identical texts as one positive set and averages ties.")

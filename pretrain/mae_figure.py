@@ -85,7 +85,8 @@ def plot_reconstructions(images, path: Path, title: str) -> Path:
             ax.set_yticks([])
             if i == 0:
                 ax.set_title(name, fontsize=9)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(title + "\n(norm-pix: removed patches shown with the true patch mean/std; flat = mean prediction)",
+                 fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -96,6 +96,7 @@ def plot_reconstructions(images, path: Path, title: str) -> Path:
 
 def write_mae_figures(model, cfg, run_dir, rank: int = 0, n: int = 6) -> list[Path]:
     """Every rank calls this; rank 0 writes ``mae_<modality>.png`` per image / volume MAE objective."""
+    from medfm.model_zoo.layers import whole_params
     from medfm.pretrain.objectives import DEFAULT_MASK_RATIO
     from medfm.shards.collate import collate
     from medfm.shards.plan import StepPlan
@@ -114,8 +115,12 @@ def write_mae_figures(model, cfg, run_dir, rank: int = 0, n: int = 6) -> list[Pa
         ratio = obj.mask_ratio if obj.mask_ratio is not None else DEFAULT_MASK_RATIO[modality]
         was_training = model.training
         model.eval()
+        # Outside the engine's forward, ZeRO-3 does not gather parameters used directly (cls token, mask token):
+        # gather the tower and its decoder whole, on every rank (a collective; a no-op without ZeRO-3).
+        params = [*model.towers[modality].parameters(), *model.mae_decoders[modality].parameters()]
         try:
-            images = reconstruct(model, batch, modality, ratio, obj.norm_pix)
+            with whole_params(params):
+                images = reconstruct(model, batch, modality, ratio, obj.norm_pix)
         finally:
             model.train(was_training)
         if rank == 0:

@@ -55,3 +55,5 @@ def test_periodic_eval_under_zero3_with_two_ranks(tmp_path):
     assert ("zs", "accuracy") in metrics and ("gen", "bleu4") in metrics and ("ret", "recall@1") in metrics
     gen = next(t for t in report["tasks"] if t["task"] == "gen")
     assert gen["info"]["n"] == 7  # every sample decoded exactly once across the two ranks
+    # the end-of-training MAE figure also runs its forwards on both ranks (tower and decoder gathered)
+    assert (tmp_path / "run" / "mae_image.png").is_file()

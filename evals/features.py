@@ -348,7 +348,10 @@ def text_tokenizer_spec(model, kind: str = "auto") -> dict:
 
 
 def text_tokenizer_kind(model, kind: str = "auto") -> str:
-    """``tower`` (a Hugging Face tokenizer) or ``bytes`` (medfm.shards.collate.ByteTokenizer): see text_tokenizer_spec."""
+    """``tower`` (a Hugging Face tokenizer) or ``bytes`` (medfm.shards.collate.ByteTokenizer): see text_tokenizer_spec.
+    A model without a text tower (a caption decoder alone) has nothing recorded: auto = bytes."""
+    if "text" not in model.towers and kind in ("auto", "tower", "bytes"):
+        return "tower" if kind == "tower" else "bytes"
     return "bytes" if text_tokenizer_spec(model, kind)["kind"] == "bytes" else "tower"
 
 

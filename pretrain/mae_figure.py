@@ -106,7 +106,12 @@ def write_mae_figures(model, cfg, run_dir, rank: int = 0, n: int = 6) -> list[Pa
         modality = obj.name.split(":", 1)[1] if obj.name.startswith("mae:") else None
         if modality not in FIGURE_MODALITIES or modality not in model.mae_decoders:
             continue
-        samples = _samples(cfg, modality, n)
+        try:  # the same files on every rank, so every rank takes the same branch (no collective is skipped alone)
+            samples = _samples(cfg, modality, n)
+        except (OSError, ValueError) as exc:  # e.g. a remote source (URL template): no local shards to read
+            if rank == 0:
+                print(f"medfm pretrain: MAE figure for {modality} skipped ({exc})", file=sys.stderr)
+            continue
         if not samples:
             continue
         device = next(model.parameters()).device

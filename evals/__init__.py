@@ -8,7 +8,7 @@
 Heavy dependencies (torch, accelerate, lifelines, matplotlib, mlflow) are imported where used.
 """
 
-from medfm.evals.bootstrap import Estimate, bootstrap_ci, mean_ci
+from medfm.evals.bootstrap import Estimate, bootstrap_ci
 from medfm.evals.metrics import MetricError
 
 
@@ -37,5 +37,5 @@ def write_report(results, out_dir, suite_name, model_info, mlflow_run=None):
     return _write(results, out_dir, suite_name, model_info, mlflow_run)
 
 
-__all__ = ["Estimate", "MetricError", "bootstrap_ci", "load_model", "load_suite", "mean_ci", "run_suite",
+__all__ = ["Estimate", "MetricError", "bootstrap_ci", "load_model", "load_suite", "run_suite",
            "write_report"]

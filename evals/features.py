@@ -90,7 +90,16 @@ def _load_checkpoint(path: Path):
     cfg = json.loads(client.read_text()).get("config", {}).get("model")
     if not cfg:
         raise ModelSourceError(f"{client}: client state has no config.model")
-    return _build_and_fill(cfg, full, str(root / tag))
+    model = _build_and_fill(cfg, full, str(root / tag))
+    if "text" in model.towers:  # the same decision pretrain's build_data made, from the saved run config
+        from medfm.model_zoo.tokenizers import TokenizerError, spec_from_run_config
+
+        try:
+            model.text_tokenizer_spec = spec_from_run_config(model.towers["text"], json.loads(client.read_text())
+                                                             .get("config", {}))
+        except TokenizerError as exc:
+            raise ModelSourceError(f"{client}: the text tower's tokenizer cannot be reconstructed ({exc})") from None
+    return model
 
 
 def _load_state_dict_file(path: Path):
@@ -145,7 +154,7 @@ class ExtractOptions:
     batch_size: int = 32
     collate: dict | None = None  # medfm.shards.collate.CollateConfig fields; None = sized from the tower config
     cache_dir: str | None = None
-    text_tokenizer: str = "auto"  # tower | bytes | auto (see text_tokenizer_kind)
+    text_tokenizer: str = "auto"  # tower | bytes | auto (see text_tokenizer_spec)
 
 
 @dataclass
@@ -266,13 +275,14 @@ def extract(model, model_hash: str, index: SplitIndex, modality: str, positions=
         raise ProtocolError(f"model has no {modality!r} tower (has {list(model.towers)})")
     positions = np.arange(len(index)) if positions is None else np.asarray(positions, dtype=np.int64)
     ccfg = _collate_config(model, modality, opts.collate)
-    tok_kind = text_tokenizer_kind(model, opts.text_tokenizer) if modality == "text" else ""
-    key = cache_key(model_hash, index, modality, ccfg, positions, tok_kind)
+    tok_spec = text_tokenizer_spec(model, opts.text_tokenizer) if modality == "text" else None
+    tok_key = json.dumps({k: v for k, v in tok_spec.items() if k != "dir"}, sort_keys=True) if tok_spec else ""
+    key = cache_key(model_hash, index, modality, ccfg, positions, tok_key)
     cache_path = Path(opts.cache_dir) / f"{key}.safetensors" if opts.cache_dir else None
     if cache_path is not None and (hit := _load_cached(cache_path)) is not None:
         return hit
     accelerator = accelerator or get_accelerator()
-    tokenizer = text_tokenizer(model, tok_kind, ccfg.text_max_tokens) if modality == "text" else None
+    tokenizer = text_tokenizer(model, opts.text_tokenizer) if modality == "text" else None
     plan = StepPlan(0, (modality,), (), "eval")
 
     def collate_fn(items):
@@ -311,25 +321,50 @@ def extract(model, model_hash: str, index: SplitIndex, modality: str, positions=
     return feats
 
 
-def text_tokenizer_kind(model, kind: str = "auto") -> str:
-    """Which tokenizer the text side was trained with (pretrain's ``train.tokenizer``): ``tower`` = the text tower's
-    Hugging Face tokenizer, ``bytes`` = medfm.shards.collate.ByteTokenizer. ``auto``: the tower's when it has one
-    configured, else bytes (the tiny CPU recipes train bytes on a tokenizer-less tower)."""
+def text_tokenizer_spec(model, kind: str = "auto") -> dict:
+    """The tokenizer spec (medfm.model_zoo.tokenizers) text is encoded with for this model.
+
+    A release and a checkpoint record the one training used (``model.text_tokenizer_spec``); ``kind`` (the suite's
+    ``text_tokenizer``: auto | tower | bytes) must then agree with it. Only a bare state dict carries none: there
+    ``auto`` means the tower's Hugging Face tokenizer when it has one configured, else bytes.
+    """
+    from medfm.model_zoo.tokenizers import TokenizerError, tokenizer_spec
+
     if kind not in ("auto", "tower", "bytes"):
         raise ProtocolError(f"text_tokenizer must be auto, tower or bytes, got {kind!r}")
-    if kind != "auto":
-        return kind
-    cfg = getattr(model.towers["text"], "cfg", None) if "text" in model.towers else None
-    return "tower" if cfg is not None and (cfg.tokenizer or cfg.path) else "bytes"
+    if "text" not in model.towers:
+        raise ProtocolError(f"text needs a text tower (model has {list(model.towers)})")
+    recorded = getattr(model, "text_tokenizer_spec", None)
+    if recorded is not None:
+        trained = "bytes" if recorded["kind"] == "bytes" else "tower"
+        if kind not in ("auto", trained):
+            raise ProtocolError(f"text_tokenizer: {kind}, but the model was trained with train.tokenizer={trained}")
+        return recorded
+    tower = model.towers["text"]
+    if kind == "auto":
+        kind = "tower" if tower.cfg.tokenizer or tower.cfg.path else "bytes"
+    try:
+        return tokenizer_spec(tower, kind, int(tower.cfg.max_length))
+    except TokenizerError as exc:
+        raise ProtocolError(str(exc)) from None
 
 
-def text_tokenizer(model, kind: str = "auto", max_tokens: int = 128):
-    """list[str] -> (ids long [B, T], valid bool [B, T]), as the loader tokenised text in pretraining."""
-    from medfm.shards.collate import ByteTokenizer, HFTokenizer
+def text_tokenizer_kind(model, kind: str = "auto") -> str:
+    """``tower`` (a Hugging Face tokenizer) or ``bytes`` (medfm.shards.collate.ByteTokenizer): see text_tokenizer_spec.
+    A model without a text tower (a caption decoder alone) has nothing recorded: auto = bytes."""
+    if "text" not in model.towers and kind in ("auto", "tower", "bytes"):
+        return "tower" if kind == "tower" else "bytes"
+    return "bytes" if text_tokenizer_spec(model, kind)["kind"] == "bytes" else "tower"
 
-    if text_tokenizer_kind(model, kind) == "bytes":
-        return ByteTokenizer(max_tokens)
-    return HFTokenizer(model.towers["text"].tokenizer, max_tokens)
+
+def text_tokenizer(model, kind: str = "auto"):
+    """list[str] -> (ids long [B, T], valid bool [B, T]), exactly as the loader tokenised text in pretraining."""
+    from medfm.model_zoo.tokenizers import TokenizerError, build_tokenizer
+
+    try:
+        return build_tokenizer(text_tokenizer_spec(model, kind))
+    except TokenizerError as exc:
+        raise ProtocolError(str(exc)) from None
 
 
 def text_encoder(model, batch_size: int = 64, tokenizer: str = "auto"):
@@ -340,7 +375,7 @@ def text_encoder(model, batch_size: int = 64, tokenizer: str = "auto"):
 
     if "text" not in model.towers:
         raise ProtocolError(f"zero-shot needs a text tower (model has {list(model.towers)})")
-    tok = text_tokenizer(model, tokenizer, getattr(model.towers["text"].cfg, "max_length", 128))
+    tok = text_tokenizer(model, tokenizer)
 
     def encode(prompts):
         out = []

@@ -41,7 +41,10 @@ class _Codec:
             return
         if "text" not in model.towers:
             raise ProtocolError("generation with tokenizer: tower needs a text tower (or use tokenizer: bytes)")
-        tok = model.towers["text"].tokenizer
+        from medfm.evals.features import text_tokenizer_spec
+        from medfm.model_zoo.tokenizers import hf_tokenizer
+
+        tok = hf_tokenizer(text_tokenizer_spec(model, kind))
         bos = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
         eos = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
         if bos is None or eos is None:
@@ -98,6 +101,13 @@ def generate_reports(model, index: SplitIndex, modality: str, positions, opts: G
     from medfm.evals.devices import place
 
     model = place(model, accelerator)
+
+    def all_done(local: bool) -> bool:  # stop only when every process's batch is done: equal decoder forwards
+        if accelerator.num_processes == 1:
+            return local
+        flags = accelerator.reduce(torch.tensor([float(local)], device=accelerator.device), reduction="sum")
+        return int(flags.item()) == accelerator.num_processes
+
     ids_all, pos_all = [], []
     with torch.no_grad():
         for batch in tqdm(loader, desc=f"generate {modality}/{index.split}", leave=False,
@@ -109,7 +119,8 @@ def generate_reports(model, index: SplitIndex, modality: str, positions, opts: G
             if valid is not None:  # prefix tokens (CLS, registers) are always attendable, as in training
                 pre = torch.ones(valid.shape[0], tower.num_prefix_tokens, dtype=torch.bool, device=valid.device)
                 ctx_mask = torch.cat([pre, valid], dim=1)
-            ids = decoder.generate(tokens, modality, codec.bos, codec.eos, opts.max_new_tokens, ctx_mask)
+            ids = decoder.generate(tokens, modality, codec.bos, codec.eos, opts.max_new_tokens, ctx_mask,
+                                   all_done=all_done)
             ids = torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=codec.eos)  # equal widths to gather
             got = accelerator.gather_for_metrics({"ids": ids, "positions": batch["positions"]})
             ids_all.append(got["ids"].cpu().numpy())

@@ -25,6 +25,21 @@ def suite_path(run_dir) -> Path:
     return path
 
 
+def record_tokenizer(model, run_dir) -> None:
+    """Give the live model the tokenizer spec training uses (from the run's resolved config.yaml), as a loaded
+    checkpoint or release carries it, so zero-shot prompts are tokenised as the training text was."""
+    if "text" not in model.towers or getattr(model, "text_tokenizer_spec", None) is not None:
+        return
+    import yaml
+
+    from medfm.model_zoo.tokenizers import spec_from_run_config
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"periodic eval: {path} not found (the run config that names train.tokenizer)")
+    model.text_tokenizer_spec = spec_from_run_config(model.towers["text"], yaml.safe_load(path.read_text()) or {})
+
+
 def periodic_eval(model, step: int, run_dir) -> dict | None:
     """Run the suite on a subset; returns {"task/metric": value} on rank 0 (None elsewhere)."""
     from medfm.evals.features import get_accelerator
@@ -36,6 +51,7 @@ def periodic_eval(model, step: int, run_dir) -> dict | None:
     suite.cache_dir = ""  # with out_dir=None below: no cache (the weights change every call)
     for task in suite.tasks:
         task.max_samples = task.max_samples or max_samples
+    record_tokenizer(model, run_dir)
     accelerator = get_accelerator()
     was_training = model.training
     model.eval()

@@ -5,7 +5,9 @@ JSON layout (``report.json``)::
 
     {"schema": 1, "suite": name, "model": {"source", "kind", "weights_sha256"}, "created": ISO time,
      "results": [{"task", "protocol", "kind", "modality", "metric", "value", "ci": [lo, hi], "n", "n_patients",
-                  "params": {...}}],                       # one row per metric (undefined ones carry "error")
+                  "n_valid_resamples", "n_resamples", "unstable", "params": {...}}],
+                                                           # one row per metric (undefined ones carry "error");
+                                                           # unstable: too few valid resamples, ci [null, null]
      "tasks": [{"task", "protocol", "status": "ok|failed", "error", "seconds", "info"}]}
 """
 
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medfm.evals.bootstrap import Estimate
+from medfm.evals.bootstrap import MIN_VALID_SHARE, Estimate
 
 REPORT_SCHEMA = 1
 
@@ -50,7 +52,8 @@ def build_report(results, suite_name: str, model_info: dict) -> dict:
                     "metric": row.metric, "params": _jsonable(row.params)}
             if isinstance(row.estimate, Estimate):
                 e = row.estimate
-                base.update(value=_finite(e.value), ci=[_finite(e.low), _finite(e.high)], n=e.n, n_patients=e.n_groups)
+                base.update(value=_finite(e.value), ci=[_finite(e.low), _finite(e.high)], n=e.n, n_patients=e.n_groups,
+                            n_valid_resamples=e.n_boot, n_resamples=e.n_resamples, unstable=e.unstable)
             else:
                 base.update(value=None, ci=[None, None], n=None, n_patients=None, error=str(row.estimate))
             rows.append(base)
@@ -59,11 +62,22 @@ def build_report(results, suite_name: str, model_info: dict) -> dict:
             "tasks": tasks}
 
 
+def format_ci(row: dict) -> str:
+    """A report row's interval as printed everywhere (report.md, the demo report, release cards)."""
+    if row.get("unstable"):
+        return f"unstable ({row.get('n_valid_resamples')}/{row.get('n_resamples')} valid resamples)"
+    lo, hi = row.get("ci") or (None, None)
+    return f"[{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else "—"
+
+
 def markdown_table(report: dict) -> str:
     """One line per metric: value with its 95% CI; failed tasks listed with their reason."""
     lines = [f"# Evaluation: {report['suite']}", "",
              f"Model: `{report['model'].get('source', '?')}` ({report['model'].get('kind', '?')}, weights "
              f"sha256 {str(report['model'].get('weights_sha256', ''))[:12]})", "",
+             "95% CIs: patient-level bootstrap of the test set (few-shot: draws nested inside), clipped to the "
+             f"metric's range; 'unstable' = fewer than {MIN_VALID_SHARE:.0%} of the resamples had the metric defined.",
+             "",
              "| task | protocol | metric | value | 95% CI | n (patients) |", "|---|---|---|---|---|---|"]
     for r in report["results"]:
         params = ", ".join(f"{k}={v}" for k, v in r["params"].items() if k != "repeats")
@@ -71,8 +85,7 @@ def markdown_table(report: dict) -> str:
         if r["value"] is None:
             lines.append(f"| {r['task']} | {r['protocol']} | {metric} | n/a | {r.get('error', '')} | |")
             continue
-        lo, hi = r["ci"]
-        ci = f"[{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else "—"
+        ci = format_ci(r)
         lines.append(f"| {r['task']} | {r['protocol']} | {metric} | {r['value']:.3f} | {ci} | {r['n']} "
                      f"({r['n_patients']}) |")
     failed = [t for t in report["tasks"] if t["status"] != "ok"]

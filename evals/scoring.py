@@ -90,6 +90,11 @@ def metric_functions(kind: str, n_classes: int, class_names=None, specificity: f
     raise ValueError(f"unknown task kind {kind!r}")
 
 
+def metric_range(name: str) -> tuple[float, float]:
+    """The range every metric of ``metric_functions`` lives in (bootstrap intervals are clipped to it)."""
+    return (-1.0, 1.0) if name.startswith("kappa") else (0.0, 1.0)
+
+
 def score(pred: Predictions, n_boot: int = 1000, seed: int = 0, specificity: float = 0.9,
           only: list[str] | None = None) -> dict[str, Estimate | str]:
     """Every metric of the task kind with its CI; a metric undefined on this split maps to its one-line reason."""
@@ -104,7 +109,8 @@ def score(pred: Predictions, n_boot: int = 1000, seed: int = 0, specificity: flo
     out: dict[str, Estimate | str] = {}
     for name, fn in fns.items():
         try:
-            out[name] = bootstrap_ci(fn, arrays, groups=pred.groups, n_boot=n_boot, seed=seed)
+            out[name] = bootstrap_ci(fn, arrays, groups=pred.groups, n_boot=n_boot, seed=seed,
+                                     bounds=metric_range(name))
         except M.MetricError as exc:
             out[name] = str(exc)
     return out

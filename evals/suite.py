@@ -227,8 +227,12 @@ def run_task(task: TaskConfig, suite: EvalSuite, feats: _Features, main: bool = 
         if not main:
             return TaskResult(task.name, task.protocol, task.kind, task.modality, "ok")
         opts = dict(task.options)
+        from medfm.evals.data import read_samples
+
+        strings = [smp.text for smp in read_samples(index, pos)]  # identical texts: one positive set
         res = retrieval.retrieval(items.embed, texts.embed, index.patients[pos], modality=task.modality,
-                                  ks=opts.get("ks", (1, 5, 10)), n_boot=suite.n_boot, seed=suite.seed)
+                                  ks=opts.get("ks", (1, 5, 10)), n_boot=suite.n_boot, seed=suite.seed,
+                                  texts=strings)
         return TaskResult(task.name, task.protocol, task.kind, task.modality, "ok", res.rows, info=res.info)
 
     use = "embed" if task.protocol == "zeroshot" else "pooled"
@@ -237,10 +241,14 @@ def run_task(task: TaskConfig, suite: EvalSuite, feats: _Features, main: bool = 
     if task.protocol != "zeroshot":
         train = _labelled_split(task, feats, directory, task.data.train, use, suite.seed)
         val = _labelled_split(task, feats, directory, task.data.val, use, suite.seed) if task.data.val else None
+    # Zero-shot prompt embeddings on every process: under ZeRO-3 each text forward gathers partitioned parameters
+    # collectively, so a forward on the main process alone would wait for the others forever.
+    zs = _zero_shot_inputs(task, suite, feats, info_task) if task.protocol == "zeroshot" else None
     if not main:
         return TaskResult(task.name, task.protocol, task.kind, task.modality, "ok")
     if task.protocol == "fewshot":
-        res = fewshot.few_shot(info_task, train, val, test, _options(fewshot.FewShotOptions, task))
+        res = fewshot.few_shot(info_task, train, val, test, _options(fewshot.FewShotOptions, task), suite.n_boot,
+                               suite.seed)
         return TaskResult(task.name, task.protocol, task.kind, task.modality, "ok", res.rows, info=res.info)
     if task.protocol == "logistic":
         pred, info = linear.logistic_probe(info_task, train, val, test, _options(linear.LogisticOptions, task))
@@ -251,11 +259,7 @@ def run_task(task: TaskConfig, suite: EvalSuite, feats: _Features, main: bool = 
     elif task.protocol == "prognosis":
         pred, info = prognosis.cox_prognosis(task.name, train, val, test, _options(prognosis.CoxOptions, task))
     elif task.protocol == "zeroshot":
-        from medfm.evals.features import text_encoder
-
-        prompts = zeroshot.load_prompts(_resolve(suite, task.prompts))
-        scale = float(feats.model.logit_scale.detach().exp().clamp(max=100).item())
-        encode = text_encoder(feats.model, tokenizer=suite.text_tokenizer)
+        prompts, encode, scale = zs
         pred, info = zeroshot.zero_shot(info_task, test, prompts, encode, logit_scale=scale)
     else:  # unreachable: the config's Literal rejects unknown protocols
         raise ProtocolError(f"task {task.name}: unknown protocol {task.protocol!r}")
@@ -263,6 +267,29 @@ def run_task(task: TaskConfig, suite: EvalSuite, feats: _Features, main: bool = 
                   only=task.metrics or None)
     rows = [Row(m, est) for m, est in table.items()]
     return TaskResult(task.name, task.protocol, task.kind, task.modality, "ok", rows, info=info, predictions=pred)
+
+
+def _zero_shot_inputs(task: TaskConfig, suite: EvalSuite, feats: _Features, info_task: TaskInfo):
+    """(prompts, memoised text encoder already holding every prompt's embedding, CLIP logit scale), computed with
+    the same forwards on every process (ZeRO-3: the scale is a partitioned [1] parameter, gathered here too)."""
+    from medfm.evals.features import text_encoder
+    from medfm.evals.protocols import zeroshot
+    from medfm.model_zoo.layers import whole_params
+
+    prompts = zeroshot.load_prompts(_resolve(suite, task.prompts))
+    encode_once = text_encoder(feats.model, tokenizer=suite.text_tokenizer)
+    memo: dict[tuple, np.ndarray] = {}
+
+    def encode(texts):
+        key = tuple(texts)
+        if key not in memo:
+            memo[key] = encode_once(list(texts))
+        return memo[key]
+
+    zeroshot.zero_shot_weights(info_task, prompts, encode)  # every prompt forward, on every process
+    with whole_params([feats.model.logit_scale]):
+        scale = float(feats.model.logit_scale.detach().float().exp().clamp(max=100).item())
+    return prompts, encode, scale
 
 
 def _subset(task: TaskConfig, n: int, seed: int, pos=None) -> np.ndarray:

@@ -227,11 +227,14 @@ def random_init_weights(cfg: dict, path: Path, seed: int = 0) -> Path:
 
     from medfm.model_zoo import build_multimodal
     from medfm.model_zoo.release import save_release
+    from medfm.model_zoo.tokenizers import spec_from_run_config
 
     torch.manual_seed(seed)
     model = build_multimodal(cfg["model"])
+    # The tokenizer the pretrained model uses, so the baseline's text tower reads the same ids (not a constant).
+    tokenizer = spec_from_run_config(model.towers["text"], cfg) if "text" in model.towers else None
     return save_release(path, model, cfg["model"], card="# random-init baseline\n\nThe demo architecture at its "
-                        f"seeded initialisation (seed {seed}); no training.", overwrite=True)
+                        f"seeded initialisation (seed {seed}); no training.", overwrite=True, tokenizer=tokenizer)
 
 
 def stage_eval(out: Path, corpus: dict, run_dir: Path) -> tuple[Path, Path]:
@@ -284,19 +287,34 @@ def _label(row: dict) -> str:
 
 def _rows(report_path: Path) -> dict:
     rep = json.loads(report_path.read_text())
-    return {(r["task"], _label(r)): r for r in rep["results"]}
+    chance = {t["task"]: (t.get("info") or {}).get("chance", {}) for t in rep.get("tasks", [])}
+    out = {}
+    for r in rep["results"]:
+        direction = (r.get("params") or {}).get("direction")
+        if direction and f"{direction} {r['metric']}" in chance.get(r["task"], {}):
+            r = {**r, "chance": chance[r["task"]][f"{direction} {r['metric']}"]}
+        out[(r["task"], _label(r))] = r
+    return out
 
 
 def compare(pre: Path, rnd: Path) -> list[dict]:
-    """Pretrained vs random-init per (task, metric incl. parameters): both values, CIs and n."""
+    """Pretrained vs random-init per (task, metric incl. parameters): both values, CIs (None when unstable), n and
+    patients, and the chance level where the protocol reports one (retrieval)."""
     a, b = _rows(pre), _rows(rnd)
     rows = []
     for key in a:
         if key in b and isinstance(a[key].get("value"), (int, float)) and isinstance(b[key].get("value"),
                                                                                       (int, float)):
-            rows.append({"task": key[0], "metric": key[1], "pretrained": a[key]["value"],
-                         "pretrained_ci": a[key].get("ci"), "random_init": b[key]["value"],
-                         "random_init_ci": b[key].get("ci"), "n": a[key].get("n")})
+            row = {"task": key[0], "metric": key[1], "pretrained": a[key]["value"],
+                   "pretrained_ci": a[key].get("ci"), "random_init": b[key]["value"],
+                   "random_init_ci": b[key].get("ci"), "n": a[key].get("n")}
+            for k in ("n_patients", "chance"):
+                if a[key].get(k) is not None:
+                    row[k] = a[key][k]
+            for who, src in (("pretrained", a[key]), ("random_init", b[key])):
+                if src.get("unstable"):
+                    row[f"{who}_unstable"] = f"{src.get('n_valid_resamples')}/{src.get('n_resamples')}"
+            rows.append(row)
     return rows
 
 
@@ -304,29 +322,85 @@ def _ci(ci) -> str:
     return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci and None not in ci else ""
 
 
-def _summary(sel: list[dict]) -> dict:
-    def sep(r, a, b):  # r[a]'s CI lies wholly above r[b]'s
-        ca, cb = r[f"{a}_ci"], r[f"{b}_ci"]
-        return bool(ca and cb and None not in ca and None not in cb and ca[0] > cb[1])
+def _show_ci(row: dict, who: str) -> str:
+    if row.get(f"{who}_unstable"):
+        return f"unstable ({row[f'{who}_unstable']} valid resamples)"
+    return _ci(row.get(f"{who}_ci")) or "—"
 
+
+def _separated(r: dict, a: str, b: str) -> bool:
+    """r[a]'s 95% CI lies wholly above r[b]'s (a conservative test; an unstable row has no CI and never separates)."""
+    ca, cb = r.get(f"{a}_ci"), r.get(f"{b}_ci")
+    return bool(ca and cb and None not in ca and None not in cb and ca[0] > cb[1])
+
+
+def _summary(sel: list[dict]) -> dict:
     n = len(sel)
     return {"tasks": n, "wins": sum(r["pretrained"] > r["random_init"] for r in sel),
-            "clear_wins": sum(sep(r, "pretrained", "random_init") for r in sel),
-            "clear_losses": sum(sep(r, "random_init", "pretrained") for r in sel),
+            "clear_wins": sum(_separated(r, "pretrained", "random_init") for r in sel),
+            "clear_losses": sum(_separated(r, "random_init", "pretrained") for r in sel),
             "mean_pretrained": sum(r["pretrained"] for r in sel) / n if n else float("nan"),
             "mean_random_init": sum(r["random_init"] for r in sel) / n if n else float("nan")}
 
 
+def _shots(row: dict) -> int:
+    return int(row["metric"].split("shots=")[1].rstrip(")"))
+
+
 def headline(rows: list[dict]) -> dict:
-    """The demo's verdict: label-efficient linear probing (4 labels per class, 10 seeded draws; test AUROC) of the
-    frozen encoders on every labelled task, pretrained vs random init. "Beats" = higher mean AUROC and no task where
-    random init is better with separated CIs. The probe with all training labels is reported beside it but does not
-    decide: on these small, easy tasks it saturates (MNI grey/white AUROC 1.000 for random features too), so it
-    cannot tell encoders apart. Zero-shot is not part of it: a random-init text tower is at chance by construction."""
+    """The demo's verdict, from the few-shot linear probes (test AUROC, 10 seeded draws, patient bootstrap CIs with
+    the draws nested) at *every* shot count of every labelled task, pretrained vs random init.
+
+    A comparison is significant when the two 95% CIs do not overlap. Per task: "better" = pretrained significantly
+    better at some shot count and significantly worse at none; "worse" = the reverse; "mixed" = both; "not
+    significant" = neither. Overall, pretraining beats random init when at least one task is "better" and none is
+    "worse" or "mixed". The full-label probe (saturated on these small tasks: random features reach AUROC 1.000 on
+    MNI grey/white) is reported beside it but does not decide.
+    """
+    few = [r for r in rows if r["task"].endswith("_fewshot") and r["metric"].startswith("auroc (shots=")]
+    per_task: dict[str, dict] = {}
+    for r in few:
+        t = per_task.setdefault(r["task"].removesuffix("_fewshot"), {"better_at": [], "worse_at": [],
+                                                                     "not_significant_at": []})
+        bucket = ("better_at" if _separated(r, "pretrained", "random_init") else
+                  "worse_at" if _separated(r, "random_init", "pretrained") else "not_significant_at")
+        t[bucket].append(_shots(r))
+    for t in per_task.values():
+        t["verdict"] = ("mixed" if t["better_at"] and t["worse_at"] else "better" if t["better_at"] else
+                        "worse" if t["worse_at"] else "not significant")
+    verdicts = [t["verdict"] for t in per_task.values()]
+    beats = bool(verdicts) and "better" in verdicts and not ({"worse", "mixed"} & set(verdicts))
     full = _summary([r for r in rows if r["task"].endswith("_logistic") and r["metric"] == "auroc"])
-    few = _summary([r for r in rows if r["task"].endswith("_fewshot") and r["metric"] == "auroc (shots=4)"])
-    beats = bool(few["tasks"] and few["mean_pretrained"] > few["mean_random_init"] and not few["clear_losses"])
-    return {"linear_probe": full, "four_shot": few, "beats_random_init": beats}
+    return {"few_shot": _summary(few), "per_task": per_task, "linear_probe": full, "beats_random_init": beats,
+            "compared": f"{len(few)} few-shot AUROC comparisons ({len(per_task)} tasks x shot counts "
+                        f"{sorted({_shots(r) for r in few})})"}
+
+
+def verdict_lines(head: dict) -> list[str]:
+    """The verdict in words: what was compared, what was significant, and plainly where pretraining did not win."""
+    word = "BEAT" if head["beats_random_init"] else "do NOT beat"
+    lines = [f"**Verdict:** the pretrained encoders {word} the same architecture at random init "
+             f"(`headline()` in launch/demo.py). Compared: {head['compared']}; a difference counts only where the "
+             "two 95% patient-bootstrap CIs do not overlap.", ""]
+    for task, t in head["per_task"].items():
+        ns = f"not significant at shots {t['not_significant_at']}" if t["not_significant_at"] else ""
+        if t["verdict"] == "better":
+            text = f"pretraining is better at shots {t['better_at']}" + (f"; {ns}" if ns else "")
+        elif t["verdict"] == "worse":
+            text = (f"pretraining does NOT beat random init: random init is better at shots {t['worse_at']}"
+                    + (f"; {ns}" if ns else ""))
+        elif t["verdict"] == "mixed":
+            text = (f"mixed: pretraining better at shots {t['better_at']}, random init better at shots "
+                    f"{t['worse_at']}" + (f"; {ns}" if ns else ""))
+        else:
+            text = f"pretraining does NOT beat random init (no significant difference at shots {t['not_significant_at']})"
+        lines.append(f"- {task}: {text}")
+    h = head["linear_probe"]
+    if h["tasks"]:
+        lines.append(f"- context only, linear probe with all training labels: pretrained better on {h['wins']} of "
+                     f"{h['tasks']} tasks ({h['clear_wins']} with separated CIs, random init separated-better on "
+                     f"{h['clear_losses']}); mean test AUROC {h['mean_pretrained']:.3f} vs {h['mean_random_init']:.3f}")
+    return lines
 
 
 def comparison_plot(rows: list[dict], path: Path) -> Path | None:
@@ -393,27 +467,33 @@ def stage_report(out: Path, corpus: dict, run_dir: Path, pre: Path, rnd: Path, r
         lines.append(f"| {name} | {c['samples']} | {', '.join(f'{k} {v}' for k, v in c['splits'].items())} |")
     lines += ["", "Contact sheet of the genuine real files: ![contact sheet](contact_sheet.png)", "",
               "## Pretraining", "", f"Run directory `{run_dir}` (resolved config, checkpoints, mlflow.db, "
-              "metrics.jsonl, per-rank logs).", "", "![loss curves](loss_curve.png)", "",
-              "## Pretrained encoder vs the same architecture at random init", ""]
-    verdict = "BEAT" if head["beats_random_init"] else "do NOT beat"
-    lines += [f"**Headline (4-shot linear probes over every labelled task, as `headline()` in launch/demo.py "
-              f"defines):** the pretrained encoders {verdict} the same architecture at random init.", ""]
-    for key, title in (("four_shot", "4 labels per class, 10 draws (decides)"),
-                       ("linear_probe", "all training labels (saturates on these tasks; context only)")):
-        h = head[key]
-        if h["tasks"]:
-            lines.append(f"- linear probe, {title}: pretrained better on {h['wins']} of {h['tasks']} tasks (CIs "
-                         f"separated on {h['clear_wins']}, random init separated-better on {h['clear_losses']}); "
-                         f"mean test AUROC {h['mean_pretrained']:.3f} vs {h['mean_random_init']:.3f}")
-    lines += ["", "Zero-shot rows need a trained text tower, so at random init they are chance by construction; the "
-                  "ECG test split holds 5 pseudo-patients and the MRI tasks are near ceiling with all labels, so read "
-                  "the CIs."]
+              "metrics.jsonl, per-rank logs).", "", "![loss curves](loss_curve.png)", ""]
+    if not any(run_dir.glob("mae_*.png")):  # a reused run trained before the figure existed: draw it from the release
+        from medfm.model_zoo import load
+        from medfm.pretrain.config import load_run_config
+        from medfm.pretrain.mae_figure import write_mae_figures
+
+        write_mae_figures(load(release_dir), load_run_config(out / "pretrain.yaml"), run_dir)
+    for png in sorted(run_dir.glob("mae_*.png")):  # written at the end of pretraining (pretrain/mae_figure.py)
+        shutil.copy(png, rep_dir / png.name)
+        lines += [f"MAE {png.stem.removeprefix('mae_')} (input / masked / reconstruction): ![{png.stem}]({png.name})",
+                  ""]
+    lines += ["## Pretrained encoder vs the same architecture at random init", ""]
+    lines += verdict_lines(head)
+    lines += ["", "Zero-shot and retrieval at random init use the same byte tokenizer as the pretrained model (the "
+                  "release carries it), so their rows are what an untrained text tower really scores. Retrieval "
+                  "treats identical captions as one positive set and averages ties; its chance level is in the "
+                  "table. Read the n (patients) column: the ECG test split holds ~5 pseudo-patients, so many of its "
+                  "intervals are wide or unstable."]
     if plot is not None:
         lines += ["", "![pretrained vs random init](pretrained_vs_random.png)"]
-    lines += ["", "| task | metric | pretrained | 95% CI | random init | 95% CI | n |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "| task | metric | pretrained | 95% CI | random init | 95% CI | n (patients) | chance |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['task']} | {r['metric']} | {r['pretrained']:.3f} | {_ci(r['pretrained_ci'])} | "
-                     f"{r['random_init']:.3f} | {_ci(r['random_init_ci'])} | {r['n']} |")
+        chance = f"{r['chance']:.3f}" if isinstance(r.get("chance"), (int, float)) else ""
+        lines.append(f"| {r['task']} | {r['metric']} | {r['pretrained']:.3f} | {_show_ci(r, 'pretrained')} | "
+                     f"{r['random_init']:.3f} | {_show_ci(r, 'random_init')} | {r['n']} ({r.get('n_patients', '?')}) "
+                     f"| {chance} |")
     lines += ["", f"Per-task ROC/PR curves: `{pre.parent}` (pretrained) and `{rnd.parent}` (random init).", "",
               "## Release", "", f"`{release_dir}` — load it with `medfm.model_zoo.load(\"{DEMO_NAME}:{DEMO_VERSION}\", "
               f"zoo=\"{release_dir.parent.parent}\")`; its README.md is the model card.", ""]

@@ -78,23 +78,20 @@ def _source_manifests(config: dict) -> list[dict]:
     return out
 
 
-def _fmt_ci(ci) -> str:
-    if not ci or any(c is None for c in ci):
-        return ""
-    return f"[{ci[0]:.3f}, {ci[1]:.3f}]"
-
-
 def _eval_table(report: dict | None) -> list[str]:
     if report is None:
         return ["No evaluation report was given to `medfm release --eval`; no results are claimed."]
-    lines = ["| task | protocol | metric | value | 95% CI | n |", "|---|---|---|---|---|---|"]
+    from medfm.evals.report import format_ci
+
+    lines = ["| task | protocol | metric | value | 95% CI | n (patients) |", "|---|---|---|---|---|---|"]
     for r in report["results"]:
         value = r.get("value")
         shown = f"{value:.4f}" if isinstance(value, (int, float)) else f"failed: {r.get('error', 'n/a')}"
         params = ", ".join(f"{k}={v}" for k, v in (r.get("params") or {}).items() if k != "repeats")
         metric = f"{r.get('metric', '')} ({params})" if params else r.get("metric", "")
         lines.append(f"| {r.get('task', '')} | {r.get('protocol', '')} | {metric} | {shown} | "
-                     f"{_fmt_ci(r.get('ci'))} | {r.get('n', '')} |")
+                     f"{format_ci(r) if isinstance(value, (int, float)) else ''} | {r.get('n', '')}"
+                     + (f" ({r['n_patients']})" if r.get("n_patients") is not None else "") + " |")
     failed = [t for t in report.get("tasks", []) if isinstance(t, dict) and t.get("status") == "failed"]
     for t in failed:
         lines.append(f"\nTask `{t.get('task')}` failed: {t.get('error', 'no reason recorded')}")
@@ -153,8 +150,12 @@ def build_card(name: str, version: str, model, config: dict, client: dict, sourc
               "", "## Evaluation", ""]
     lines += _eval_table(report)
     if report is not None:
-        lines.append(f"\nSource: {report.get('source', NOT_RECORDED)}; CIs are 95% bootstrap intervals resampled "
-                     "at patient level.")
+        from medfm.evals.bootstrap import MIN_VALID_SHARE
+
+        lines.append(f"\nSource: {report.get('source') or (report.get('model') or {}).get('source') or NOT_RECORDED}; CIs are 95% bootstrap intervals resampled "
+                     "at patient level over the test set (few-shot: draws nested inside), clipped to the metric's "
+                     f"range; 'unstable' = fewer than {MIN_VALID_SHARE:.0%} of the resamples had the metric defined. "
+                     "Retrieval treats identical texts as one positive set and averages ties.")
     lines += ["", "## Resolved training config", "", "```yaml", yaml.safe_dump(config, sort_keys=False).rstrip(),
               "```", "", "## Files", "",
               "`model.safetensors` (weights, never pickle), `config.json` (rebuilds the towers and names their "
@@ -203,11 +204,16 @@ def release(checkpoint, name: str, version: str, zoo=None, eval_report=None, for
     if missing or unexpected:
         raise ConfigError(f"{root / tag}: weights do not fit the saved model config (missing {missing[:3]}, "
                           f"unexpected {unexpected[:3]})")
+    tokenizer = None
+    if "text" in model.towers:  # the tokenizer training used (pretrain's build_data makes the same decision)
+        from medfm.model_zoo.tokenizers import spec_from_run_config
+
+        tokenizer = spec_from_run_config(model.towers["text"], config)
     sources = _source_manifests(config)
     card, provenance = build_card(name, version, model, config, client, sources, report, f"{root / tag}")
     dest = zoo_obj.publish(model, ref, config=mcfg, card=card, preprocessing=_preprocessing(sources, config),
                            force=force, summary=f"step {client.get('step')}, {provenance['parameters']:,} params",
-                           extra=provenance)
+                           extra=provenance, tokenizer=tokenizer)
     log(f"released {ref} -> {dest}")
     return dest
 

@@ -79,8 +79,12 @@ class CaptionDecoder(nn.Module):
         eos_id: int,
         max_new_tokens: int = 32,
         context_mask: torch.Tensor | None = None,
+        all_done=None,
     ) -> torch.Tensor:
-        """Greedy decoding -> ids [B, <=1+max_new_tokens] starting with bos; finished rows are padded with eos."""
+        """Greedy decoding -> ids [B, <=1+max_new_tokens] starting with bos; finished rows are padded with eos.
+
+        ``all_done(local_done: bool) -> bool`` decides the early stop for a distributed caller (every rank must run
+        the same number of decoder forwards under ZeRO-3); default: stop when this batch is done."""
         b = context.shape[0]
         ids = torch.full((b, 1), bos_id, dtype=torch.long, device=context.device)
         done = torch.zeros(b, dtype=torch.bool, device=context.device)
@@ -89,6 +93,6 @@ class CaptionDecoder(nn.Module):
             nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
             ids = torch.cat([ids, nxt[:, None]], dim=1)
             done |= nxt == eos_id
-            if bool(done.all()):
+            if (all_done or bool)(bool(done.all())):
                 break
         return ids

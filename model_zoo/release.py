@@ -5,8 +5,10 @@
   config.json            format + version, the MultiModalConfig, preprocessing, per-tensor dtype/shape/sha256
   model.safetensors      every tensor except the text tower's (or model-0000i-of-0000n.safetensors + index)
   model.safetensors.index.json   (only when sharded; Hugging Face layout: {"metadata", "weight_map"})
-  text/                  the text tower as a plain Hugging Face directory (config, safetensors, tokenizer), so
-                         transformers.AutoModel.from_pretrained(<release>/text) works as-is
+  text/                  the text tower as a plain Hugging Face directory (config, safetensors, and the tokenizer
+                         files when it is a Hugging Face one), so transformers.AutoModel.from_pretrained(<release>/text)
+                         works as-is; config.json's "tokenizer" is the exact spec it was trained with
+                         (medfm.model_zoo.tokenizers: bytes, or hf files + sha256); a text tower without one is refused
   README.md              model card (content supplied by `medfm release`)
   checksums.sha256       `sha256sum -c` compatible list of every other file
 ```
@@ -29,6 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from medfm.model_zoo.tokenizers import TokenizerError, check_spec, spec_directory, tokenizer_files, tokenizer_spec
 from medfm.schema import ConfigError, from_dict, to_dict
 
 FORMAT = "medfm-release"
@@ -134,13 +137,16 @@ def save_release(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     overwrite: bool = False,
     extra: dict | None = None,
+    tokenizer: dict | None = None,
 ) -> Path:
     """Write ``model`` (a MultiModalModel) as a release directory; returns its path.
 
     ``config``: the MultiModalConfig (or its dict) that rebuilds the towers (default: ``model.config``).
     ``preprocessing``: what inputs must look like (e.g. the shard manifest's preprocessing spec, image mean/std,
     sampling rate, EHR vocabulary); stored verbatim in config.json. ``extra``: more JSON-safe provenance (training
-    manifest hash, step, ...), stored under ``"provenance"``.
+    manifest hash, step, ...), stored under ``"provenance"``. ``tokenizer``: the text tower's tokenizer spec
+    (``medfm.model_zoo.tokenizers.tokenizer_spec``, what training used); None = the tower's own Hugging Face tokenizer,
+    and a text tower with neither is refused (its ids could not be reproduced).
     """
     from medfm.model_zoo.multimodal import MultiModalConfig
 
@@ -152,6 +158,7 @@ def save_release(
         raise ReleaseError("save_release: no config given and the model has no .config")
     cfg_dict = json.loads(json.dumps(to_dict(cfg)))  # deep copy: the text path below is rewritten
     from_dict(MultiModalConfig, cfg_dict)  # must rebuild; fail before writing anything
+    tok_spec = _release_tokenizer(model, tokenizer)
     tensors, aliases = _split_state(model)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -176,13 +183,14 @@ def save_release(
             text_dir = "text"
             tower = model.towers["text"]
             tower.model.save_pretrained(tmp / text_dir, safe_serialization=True)
-            try:
-                tower.tokenizer.save_pretrained(tmp / text_dir)
-            except ValueError:  # no tokenizer configured: the text tower still loads, callers bring ids
-                pass
+            if tok_spec["kind"] == "hf":  # the files themselves, byte for byte (their hashes are in the spec)
+                src = spec_directory(tok_spec)
+                for name in tok_spec["files"]:
+                    shutil.copyfile(src / name, tmp / text_dir / name)
+                tok_spec = {**tok_spec, "dir": text_dir}
             text_spec = cfg_dict["towers"]["text"]
             text_spec["overrides"] = {**text_spec.get("overrides", {}), "path": text_dir, "load_weights": False,
-                                      "tokenizer": text_dir}
+                                      "tokenizer": text_dir if tok_spec["kind"] == "hf" else None}
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -190,6 +198,7 @@ def save_release(
             "preprocessing": preprocessing or {},
             "provenance": extra or {},
             "text_tower": text_dir,
+            "tokenizer": tok_spec,
             "weights": {"files": names, "tensors": records, "tied": aliases},
             "torch_version": torch.__version__,
         }
@@ -207,6 +216,44 @@ def save_release(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _release_tokenizer(model, spec: dict | None) -> dict | None:
+    """The checked tokenizer spec a release stores for its text tower (None without one)."""
+    if "text" not in getattr(model, "towers", {}):
+        return None
+    if spec is None:
+        tower = model.towers["text"]
+        if not (tower.cfg.tokenizer or tower.cfg.path):
+            raise ReleaseError("save_release: the text tower has no tokenizer of its own; pass tokenizer= (the spec "
+                               "it was trained with, medfm.model_zoo.tokenizers.tokenizer_spec)")
+        spec = tokenizer_spec(tower, "tower", tower.cfg.max_length)
+    try:
+        return check_spec(spec, where="save_release tokenizer")
+    except TokenizerError as exc:
+        raise ReleaseError(str(exc)) from None
+
+
+def _loaded_tokenizer(root: Path, meta: dict) -> dict | None:
+    """The release's tokenizer spec, checked against its files; refuses a text tower whose tokenizer is unknown."""
+    if not meta.get("text_tower"):
+        return None
+    spec = meta.get("tokenizer")
+    text = root / meta["text_tower"]
+    if spec is None:  # written before specs were recorded: only a stored HF tokenizer can be trusted
+        files = tokenizer_files(text)
+        if not files:
+            raise ReleaseError(f"{root / 'config.json'}: the text tower's tokenizer cannot be reconstructed (no "
+                               f"'tokenizer' spec and no tokenizer files in {text}); re-release the checkpoint with "
+                               "this medfm")
+        over = meta["model"]["towers"]["text"].get("overrides", {})
+        spec = {"kind": "hf", "dir": meta["text_tower"], "files": files,
+                "max_tokens": int(over.get("max_length", 128))}
+    try:
+        spec = check_spec(spec, root, where=f"{root / 'config.json'} tokenizer")
+    except TokenizerError as exc:
+        raise ReleaseError(str(exc)) from None
+    return {**spec, "dir": str(root / spec["dir"])} if spec["kind"] == "hf" else dict(spec)
 
 
 # -- verification and loading -------------------------------------------------------------------------------------
@@ -280,15 +327,14 @@ def _bad_tensors(root: Path, rel: str, meta: dict) -> list[str]:
     return bad
 
 
-def _rebuild(root: Path, meta: dict):
+def _rebuild(root: Path, meta: dict, spec: dict | None):
     from medfm.model_zoo.multimodal import MultiModalConfig, MultiModalModel
 
     cfg_dict = json.loads(json.dumps(meta["model"]))
     if meta.get("text_tower"):
         over = cfg_dict["towers"]["text"]["overrides"]
         over["path"] = str(root / meta["text_tower"])
-        has_tok = (root / meta["text_tower"] / "tokenizer_config.json").is_file()
-        over["tokenizer"] = str(root / meta["text_tower"]) if has_tok else None
+        over["tokenizer"] = spec["dir"] if spec and spec["kind"] == "hf" else None
         over["load_weights"] = False
     try:
         cfg = from_dict(MultiModalConfig, cfg_dict, "model")
@@ -321,7 +367,9 @@ def load_release(path: str | os.PathLike, map_location: str = "cpu", verify: boo
         if problems:
             more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
             raise ReleaseError(f"{root}: {problems[0]}{more}")
-    model = _rebuild(root, meta)
+    spec = _loaded_tokenizer(root, meta)
+    model = _rebuild(root, meta, spec)
+    model.text_tokenizer_spec = spec  # what evals tokenise with (medfm.model_zoo.tokenizers.build_tokenizer)
     weights = meta["weights"]
     state: dict[str, torch.Tensor] = {}
     for f in weights["files"]:

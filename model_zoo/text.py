@@ -152,7 +152,13 @@ class TextTower(Tower):
             spec = self.cfg.tokenizer or self.cfg.path
             if spec is None:
                 raise ValueError("text tower has no tokenizer configured (set tokenizer=<local dir>)")
-            self._tokenizer = AutoTokenizer.from_pretrained(resolve_local_dir(spec))
+            from medfm.model_zoo.tokenizers import tokenizer_files
+
+            local = resolve_local_dir(spec)
+            if not tokenizer_files(local):  # AutoTokenizer would build a 5-id vocabulary from config.json alone
+                raise ValueError(f"text tower: {local} holds no tokenizer files (tokenizer.json / "
+                                 "tokenizer_config.json); its tokenizer cannot be reconstructed")
+            self._tokenizer = AutoTokenizer.from_pretrained(local)
         return self._tokenizer
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

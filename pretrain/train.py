@@ -52,21 +52,13 @@ def reduce_step_totals(loss_sums: dict[str, float], tokens: float, flops: float,
 
 def build_data(cfg: RunConfig, engine: Engine, rank: int, world: int):
     """The real medfm.shards loader for this rank, with the text tower's tokenizer when text is trained."""
-    from medfm.shards.collate import ByteTokenizer, HFTokenizer
+    from medfm.model_zoo.tokenizers import build_tokenizer, tokenizer_spec
     from medfm.shards.loader import build_loader
 
     tokenizer = None
-    if "text" in engine.module.model.towers:
+    if "text" in engine.module.model.towers:  # the one decision evals and release repeat (a ConfigError if bad)
         tower = engine.module.model.towers["text"]
-        max_tokens = cfg.data.collate.text_max_tokens
-        if cfg.train.tokenizer == "bytes":
-            tokenizer = ByteTokenizer(max_tokens)
-            vocab = tower.hf_config.vocab_size
-            if vocab < ByteTokenizer.vocab_size:
-                raise ConfigError(f"train.tokenizer=bytes needs model.towers.text vocab_size >= "
-                                  f"{ByteTokenizer.vocab_size}, got {vocab}")
-        else:
-            tokenizer = HFTokenizer(tower.tokenizer, max_tokens)
+        tokenizer = build_tokenizer(tokenizer_spec(tower, cfg.train.tokenizer, cfg.data.collate.text_max_tokens))
     return build_loader(cfg.data, rank=rank, world_size=world, tokenizer=tokenizer)
 
 
@@ -273,6 +265,10 @@ def run(cfg: RunConfig) -> RunResult:
     except BaseException:
         tracker.finish("FAILED")
         raise
+    if result.status == "finished":  # MAE reconstructions PNG: every rank runs the same forwards, rank 0 writes
+        from medfm.pretrain.mae_figure import write_mae_figures
+
+        write_mae_figures(engine.module.model, cfg, run_dir, rank)
     result.step = step
     result.train_flops = train_flops
     result.run_id = tracker.run_id

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from medfm.launch.demo import compare, comparison_plot, eval_suite, headline, pretrain_config
+from medfm.launch.demo import compare, comparison_plot, eval_suite, headline, pretrain_config, verdict_lines
 from medfm.launch.demo_corpus import TASKS
 
 
@@ -56,7 +56,39 @@ def test_compare_pairs_rows_and_skips_failed(tmp_path):
     head = headline(out)
     assert head["linear_probe"] == {"tasks": 1, "wins": 0, "clear_wins": 0, "clear_losses": 0,
                                     "mean_pretrained": 0.9, "mean_random_init": 0.95}
-    assert head["four_shot"] == {"tasks": 1, "wins": 1, "clear_wins": 0, "clear_losses": 0,
-                                 "mean_pretrained": 0.9, "mean_random_init": 0.5}
-    assert head["beats_random_init"] is True  # decided by the 4-shot probe, not the saturated full-label one
+    # identical CIs [0.8, 1.0] on both sides: higher means, but nothing significant
+    assert head["per_task"]["f"] == {"better_at": [], "worse_at": [], "not_significant_at": [2, 4],
+                                     "verdict": "not significant"}
+    assert head["beats_random_init"] is False
+    assert "f: pretraining does NOT beat random init" in "\n".join(verdict_lines(head))
     assert comparison_plot(out, tmp_path / "cmp.png").stat().st_size > 1000
+
+
+def test_verdict_reads_every_shot_count_and_says_when_pretraining_loses(tmp_path):
+    """Old headline looked at 4 shots only: a task where random init is clearly better at 8 shots still read as
+    "BEAT". Now every shot count counts, unstable rows never count as significant, and the text says so."""
+    def rep(path, rows):
+        path.write_text(json.dumps({"results": rows}))
+        return path
+
+    def few(task, k, value, ci, **extra):
+        return {"task": f"{task}_fewshot", "metric": "auroc", "params": {"shots": k, "repeats": 10}, "value": value,
+                "ci": ci, "n": 50, "n_patients": 20, **extra}
+
+    pre = [few("mri2d", 4, 0.9, [0.85, 0.95]), few("mri2d", 8, 0.92, [0.88, 0.96]),
+           few("mri3d", 4, 0.80, [0.70, 0.88]), few("mri3d", 8, 0.70, [0.60, 0.78]),
+           few("ecg", 4, 0.99, [None, None], unstable=True, n_valid_resamples=300, n_resamples=500)]
+    rnd = [few("mri2d", 4, 0.6, [0.5, 0.7]), few("mri2d", 8, 0.90, [0.85, 0.95]),
+           few("mri3d", 4, 0.78, [0.70, 0.86]), few("mri3d", 8, 0.90, [0.85, 0.95]),
+           few("ecg", 4, 0.5, [0.4, 0.6])]
+    rows = compare(rep(tmp_path / "a.json", pre), rep(tmp_path / "b.json", rnd))
+    head = headline(rows)
+    assert head["per_task"]["mri2d"]["verdict"] == "better" and head["per_task"]["mri2d"]["better_at"] == [4]
+    assert head["per_task"]["mri3d"]["verdict"] == "worse" and head["per_task"]["mri3d"]["worse_at"] == [8]
+    assert head["per_task"]["ecg"]["verdict"] == "not significant"  # unstable: no interval, never significant
+    assert head["beats_random_init"] is False
+    text = "\n".join(verdict_lines(head))
+    assert "do NOT beat" in text and "mri3d: pretraining does NOT beat random init" in text
+    assert "not significant at shots [8]" in text and "5 few-shot AUROC comparisons" in text
+    ecg = next(r for r in rows if r["task"] == "ecg_fewshot")
+    assert ecg["pretrained_unstable"] == "300/500"

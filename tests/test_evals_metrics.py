@@ -7,7 +7,7 @@ from sklearn import metrics as skm
 from sklearn.preprocessing import label_binarize
 
 from medfm.evals import metrics as M
-from medfm.evals.bootstrap import bootstrap_ci, mean_ci
+from medfm.evals.bootstrap import MIN_VALID_SHARE, bootstrap_ci
 from medfm.evals.scoring import Predictions, score
 
 
@@ -131,10 +131,39 @@ def test_bootstrap_resamples_patients_not_samples():
     assert (clustered.high - clustered.low) > 2 * (naive.high - naive.low)
 
 
-def test_mean_ci_of_repeats():
-    est = mean_ci([0.6, 0.62, 0.58, 0.61, 0.59])
-    assert est.low < 0.6 < est.high
-    assert est.value == pytest.approx(0.6)
+def test_interval_stays_in_the_metric_range_and_counts_its_resamples():
+    """A near-perfect AUROC on few patients: the interval is clipped to [0, 1] and states n, n_patients and how many
+    resamples were valid (single-class resamples are counted, not silently dropped)."""
+    y = np.array([0, 1] * 6)
+    s = y + np.random.default_rng(0).normal(0, 0.05, 12)
+    groups = np.arange(12) // 2  # 6 patients with one negative and one positive each: every resample is valid
+    est = bootstrap_ci(M.auroc, [y, s], groups=groups, n_boot=200, bounds=(0.0, 1.0))
+    assert 0.0 <= est.low <= est.value <= est.high <= 1.0
+    assert (est.n, est.n_groups, est.n_boot, est.n_resamples, est.unstable) == (12, 6, 200, 200, False)
+    # a shifted metric outside its range still reports an in-range interval
+    shifted = bootstrap_ci(lambda a, b: M.auroc(a, b) + 0.5, [y, s], groups=groups, n_boot=50, bounds=(0.0, 1.0))
+    assert shifted.high <= 1.0 and shifted.value <= 1.0
+    d = est.to_dict()
+    assert d["n_patients"] == 6 and d["n_boot"] == 200 and d["n_resamples"] == 200 and d["unstable"] is False
+
+
+def test_too_few_valid_resamples_is_unstable_not_a_narrow_interval():
+    """5 patients, one per sample: most patient resamples hold a single class, where AUROC is undefined. Old code
+    dropped them and printed the interval of the lucky rest (or raised); now the row is unstable, no interval."""
+    y = np.array([0, 0, 1, 1, 1])
+    s = np.array([0.1, 0.4, 0.35, 0.8, 0.9])
+    est = bootstrap_ci(M.auroc, [y, s], groups=np.arange(5), n_boot=400, seed=0)
+    assert est.n_resamples == 400 and est.n_boot < MIN_VALID_SHARE * 400
+    assert est.unstable and np.isnan(est.low) and np.isnan(est.high)
+    assert est.value == pytest.approx(M.auroc(y, s))
+    from medfm.evals.protocols.base import Row
+    from medfm.evals.report import build_report, markdown_table
+    from medfm.evals.suite import TaskResult
+
+    report = build_report([TaskResult("ecg", "logistic", "binary", "signal", "ok", [Row("auroc", est)])], "s", {})
+    row = report["results"][0]
+    assert row["unstable"] is True and row["ci"] == [None, None] and row["n_valid_resamples"] == est.n_boot
+    assert "unstable" in markdown_table(report)
 
 
 def test_score_reports_every_kind():

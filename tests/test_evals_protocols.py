@@ -93,12 +93,17 @@ def test_few_shot_improves_with_shots(cancer):
     task, p = cancer
     mu, sd = p["train"].x.mean(0), p["train"].x.std(0)
     std = {k: FeatureSplit((v.x - mu) / sd, v.y, v.groups) for k, v in p.items()}
-    res = few_shot(task, std["train"], None, std["test"], FewShotOptions(shots=[1, 16], repeats=6))
+    res = few_shot(task, std["train"], None, std["test"], FewShotOptions(shots=[1, 16], repeats=6), n_boot=200)
     auroc = {r.params["shots"]: r.estimate for r in res.rows if r.metric == "auroc"}
     assert auroc[16].value > auroc[1].value
-    assert auroc[1].low <= auroc[1].value <= auroc[1].high and auroc[1].n == 6
+    # The interval is a patient bootstrap of the test set with the draws nested inside (old code: a Student-t over
+    # the 6 draws, labelled n=6, that could leave [0, 1]); it sizes itself by the test set and its patients.
+    test = std["test"]
+    for est in auroc.values():
+        assert 0.0 <= est.low <= est.value <= est.high <= 1.0
+        assert (est.n, est.n_groups, est.n_resamples) == (len(test), len(np.unique(test.groups)), 200)
     # Seeded: the same call gives the same draws.
-    again = few_shot(task, std["train"], None, std["test"], FewShotOptions(shots=[1], repeats=6))
+    again = few_shot(task, std["train"], None, std["test"], FewShotOptions(shots=[1], repeats=6), n_boot=200)
     assert [r.estimate.value for r in again.rows] == [r.estimate.value for r in res.rows if r.params["shots"] == 1]
 
 
@@ -158,6 +163,50 @@ def test_zero_shot_single_and_multilabel(tmp_path):
     with pytest.raises(ProtocolError, match="no classes entry for 'csf'"):
         zero_shot(TaskInfo("t", "multiclass", ["grey", "white", "csf"]), FeatureSplit(emb, [0, 1], [0, 1]), prompts,
                   enc)
+
+
+def _templated(n=112, n_texts=14, dim=16, seed=0):
+    """n items with templated captions (n_texts distinct strings), like the demo's mri2d test split."""
+    rng = np.random.default_rng(seed)
+    strings = [f"caption {i % n_texts}" for i in range(n)]
+    caption_emb = rng.normal(size=(n_texts, dim))
+    return strings, caption_emb[[i % n_texts for i in range(n)]], rng
+
+
+@pytest.mark.parametrize("embedding", ["constant", "zero"])
+def test_retrieval_of_a_model_that_knows_nothing_is_chance(embedding):
+    """Old code counted ties as hits: constant embeddings gave image->text R@1 = 1.0, all-zero ones 1.0 both ways."""
+    strings, _, _ = _templated()
+    fill = 1.0 if embedding == "constant" else 0.0
+    items, texts = np.full((112, 8), fill), np.full((112, 8), fill)
+    res = retrieval(items, texts, np.arange(112) // 2, modality="image", ks=(1, 5, 10), n_boot=50, texts=strings)
+    got = {(r.metric, r.params["direction"]): r.estimate.value for r in res.rows}
+    assert res.info["n_distinct_texts"] == 14
+    for k in (1, 5, 10):
+        assert got[(f"recall@{k}", "image->text")] == pytest.approx(k / 14)  # k of 14 distinct captions
+        # text->image: 8 of the 112 images share the query's caption
+        chance = 1 - np.prod([(104 - i) / (112 - i) for i in range(k)])
+        assert got[(f"recall@{k}", "text->image")] == pytest.approx(chance)
+        assert res.info["chance"][f"image->text recall@{k}"] == pytest.approx(k / 14, abs=1e-4)
+
+
+def test_retrieval_shuffled_pairs_score_chance_and_a_perfect_model_one():
+    strings, emb, rng = _templated()
+    perfect = retrieval(emb, emb, np.arange(112), texts=strings, n_boot=0)
+    assert all(r.estimate.value == 1.0 for r in perfect.rows)
+    r1 = []
+    for seed in range(20):  # images matched with a shuffled caption's embedding: no information
+        items = emb[np.random.default_rng(seed).permutation(112)] + rng.normal(0, 0.01, emb.shape)
+        hits = retrieval_hits(items, emb, ks=(1,), text_keys=strings)
+        r1.append(hits["item->text"][1].mean())
+    assert np.mean(r1) == pytest.approx(1 / 14, abs=0.02)
+
+
+def test_retrieval_tie_is_averaged_not_won():
+    items = np.repeat(np.eye(4), 3, axis=0)  # 12 images in 4 groups of 3 identical embeddings, distinct texts
+    hits = retrieval_hits(items, items.copy(), ks=(1, 3))
+    assert hits["text->item"][1] == pytest.approx(np.full(12, 1 / 3))  # own image is one of 3 tied candidates
+    assert hits["text->item"][3] == pytest.approx(np.ones(12))
 
 
 def test_retrieval_recall_matches_brute_force():

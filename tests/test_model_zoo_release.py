@@ -178,3 +178,27 @@ def test_zoo_cli(model, tmp_path, capsys):
     assert main(["zoo", "show", "nope", "--zoo", str(zoo)]) == 2
     (zoo / "ecg-tiny" / "1.0" / "README.md").write_text("tampered\n")
     assert main(["zoo", "verify", "ecg-tiny:1.0", "--zoo", str(zoo)]) == 1
+
+
+def test_hf_tokenizer_travels_pinned_by_hash(release, tmp_path):
+    """A Hugging Face tokenizer is stored in the release byte for byte with its sha256 in config.json; a changed
+    tokenizer file is refused (ids would silently differ from training), and the loaded model tokenises with it."""
+    import json
+    import shutil
+
+    from medfm.model_zoo.release import _write_checksums
+    from medfm.model_zoo.tokenizers import build_tokenizer
+
+    meta = json.loads((release / "config.json").read_text())
+    spec = meta["tokenizer"]
+    assert spec["kind"] == "hf" and spec["dir"] == "text" and "tokenizer.json" in spec["files"]
+    model = load(release)
+    ids, valid = build_tokenizer(model.text_tokenizer_spec)(["no acute findings"])
+    assert ids[0, 0].item() == 101 and valid.all()  # [CLS] of the MiniLM vocabulary, not a 5-id rebuild
+    bad = tmp_path / "bad"
+    shutil.copytree(release, bad)
+    vocab = bad / "text" / "vocab.txt"
+    vocab.write_text(vocab.read_text() + "tampered\n")
+    _write_checksums(bad)  # checksums alone would not catch a re-signed release; the spec's hash does
+    with pytest.raises(ReleaseError, match="does not match its recorded sha256"):
+        load(bad)

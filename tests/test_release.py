@@ -90,3 +90,103 @@ def test_release_bad_inputs_are_one_line_errors(trained, tmp_path, capsys):
     assert main(["release", str(root / "run"), "--name", "x", "--version", "1", "--zoo", str(tmp_path),
                  "--eval", str(bad)]) == 2
     assert "not valid JSON" in capsys.readouterr().err
+
+
+CAPTIONS = ["axial T1 brain slice, grey matter", "sagittal T2 slice of the cerebellum", "white matter, coronal"]
+
+
+def test_released_text_tower_tokenizes_as_trained(trained):
+    """A bytes-trained text tower's release carries its tokenizer: captions get distinct ids (the byte ids training
+    used) and distinct embeddings, via the same path medfm eval takes (old code: a 5-id tokenizer rebuilt from a
+    bare config.json gave every caption [2, 1, ..., 3] and one constant embedding)."""
+    import numpy as np
+
+    from medfm.evals.features import load_model, text_encoder, text_tokenizer
+    from medfm.shards.collate import ByteTokenizer
+
+    root, _, _ = trained
+    zoo = root / "zoo-tok"
+    assert main(["release", str(root / "run"), "--name", "toy", "--version", "1.0", "--zoo", str(zoo)]) == 0
+    meta = json.loads((zoo / "toy" / "1.0" / "config.json").read_text())
+    assert meta["tokenizer"] == {"kind": "bytes", "vocab_size": 259, "max_tokens": 16}
+    model, _, kind = load_model(zoo / "toy" / "1.0")
+    assert kind == "release"
+    ids, valid = text_tokenizer(model)(CAPTIONS)
+    want, want_valid = ByteTokenizer(16)(CAPTIONS)
+    assert torch.equal(ids, want) and torch.equal(valid, want_valid)
+    assert len({tuple(r[v].tolist()) for r, v in zip(ids, valid)}) == len(CAPTIONS)
+    emb = text_encoder(model)(CAPTIONS)
+    assert np.ptp(emb, axis=0).max() > 1e-3  # not one constant vector
+    # the checkpoint itself decides the same way (its saved run config)
+    ckpt_model, _, _ = load_model(root / "run")
+    assert ckpt_model.text_tokenizer_spec == model.text_tokenizer_spec
+    np.testing.assert_allclose(text_encoder(ckpt_model)(CAPTIONS), emb, atol=1e-6)
+
+
+def test_release_without_a_reconstructible_tokenizer_is_refused(trained, tmp_path):
+    """A text tower whose release records no tokenizer and stores no tokenizer files cannot be evaluated honestly."""
+    from medfm.model_zoo import load
+    from medfm.model_zoo.release import ReleaseError, _write_checksums
+
+    root, _, _ = trained
+    zoo = tmp_path / "zoo"
+    assert main(["release", str(root / "run"), "--name", "toy", "--version", "1.0", "--zoo", str(zoo)]) == 0
+    rel = zoo / "toy" / "1.0"
+    meta = json.loads((rel / "config.json").read_text())
+    del meta["tokenizer"]  # as releases were written before the spec existed
+    (rel / "config.json").write_text(json.dumps(meta))
+    _write_checksums(rel)
+    with pytest.raises(ReleaseError, match="tokenizer cannot be reconstructed"):
+        load(rel)
+
+
+def test_the_release_reproduces_its_card(trained, tmp_path):
+    """Evaluate the checkpoint, release it with that report as its card, evaluate the release with `medfm eval`:
+    the zero-shot and retrieval rows (same suite, same seed) are the card's, to the printed digit and exactly in
+    report.json. Old code re-read the release's text with another tokenizer, so its text numbers were not the card's."""
+    import yaml
+
+    from medfm.launch.release import _eval_table
+
+    root, shards, _ = trained
+    names = ["left effusion", "normal study", "cardiomegaly", "rib fracture"]  # make_sample's captions by class
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text(yaml.safe_dump({"templates": ["{}"], "classes": {f"c{k}": [t] for k, t in enumerate(names)}}))
+    data = {"dir": str(shards), "train": "train", "val": None, "test": "train"}  # the fixture has one split
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump({"name": "repro", "n_boot": 50, "seed": 0, "tasks": [
+        {"name": "cls_zeroshot", "data": data, "modality": "image", "kind": "multiclass", "label": "cls",
+         "classes": [f"c{k}" for k in range(4)], "protocol": "zeroshot", "prompts": str(prompts)},
+        {"name": "pairs_retrieval", "data": data, "modality": "image", "protocol": "retrieval",
+         "options": {"ks": [1, 5]}}]}))
+    assert main(["eval", str(root / "run"), "--suite", str(suite), "--out", str(tmp_path / "ev_ckpt")]) == 0
+    zoo = tmp_path / "zoo"
+    assert main(["release", str(root / "run"), "--name", "repro", "--version", "1", "--zoo", str(zoo),
+                 "--eval", str(tmp_path / "ev_ckpt" / "report.json")]) == 0
+    rel = zoo / "repro" / "1"
+    assert main(["eval", str(rel), "--suite", str(suite), "--out", str(tmp_path / "ev_rel")]) == 0
+    card = (rel / "README.md").read_text()
+    before = json.loads((tmp_path / "ev_ckpt" / "report.json").read_text())
+    again = json.loads((tmp_path / "ev_rel" / "report.json").read_text())
+    rows = [ln for ln in _eval_table(again) if ln.startswith(("| cls_zeroshot", "| pairs_retrieval"))]
+    assert len(rows) == len(again["results"]) >= 6  # zero-shot metrics + R@1, R@5 both ways
+    missing = [ln for ln in rows if ln not in card]
+    assert not missing, f"release rows not on its card: {missing}"
+    key = ("task", "metric", "params")
+    got = {json.dumps([r[k] for k in key]): (r["value"], r["ci"]) for r in again["results"]}
+    want = {json.dumps([r[k] for k in key]): (r["value"], r["ci"]) for r in before["results"]}
+    assert got == want
+    retrieval_info = next(t["info"] for t in again["tasks"] if t["task"] == "pairs_retrieval")
+    assert retrieval_info["n_distinct_texts"] == 4
+
+
+def test_pretraining_writes_the_mae_reconstruction_png(trained):
+    """The run directory holds input / masked / reconstruction for its image MAE objective (written by every rank's
+    forwards, rank 0's PNG) — what people check first of an MAE run."""
+    from PIL import Image
+
+    root, _, _ = trained
+    png = root / "run" / "mae_image.png"
+    assert png.is_file()
+    w, h = Image.open(png).size
+    assert w > 300 and h > 300

@@ -1,7 +1,12 @@
 """Few-shot probes: k labelled examples per class (k ∈ {1, 2, 4, 8, 16, ...}), repeated over seeded draws.
 
-A single draw of 1-shot data is mostly noise about *which* example was drawn, so each k is repeated and reported as
-the mean over draws with a Student-t 95% interval, the variability that matters for a label-scarce clinic.
+A single draw of 1-shot data is mostly noise about *which* example was drawn, so each k is repeated over seeded
+draws and reported as the mean over draws. Its interval is a patient-level bootstrap of the *test set* with the
+draws nested inside: each bootstrap replicate resamples test patients with replacement and resamples the draws with
+replacement, and averages the metric of the chosen draws on the chosen patients. The interval therefore holds both the
+test-set sampling error (which a Student-t over draws on one fixed test set ignores: it gave zero-width and >1
+intervals) and the draw-to-draw variability, and like every medfm interval it stays inside the metric's range and
+reports n / n_patients of the test set and its valid resamples (``medfm.evals.bootstrap``).
 """
 
 from __future__ import annotations
@@ -10,11 +15,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from medfm.evals.bootstrap import mean_ci
+from medfm.evals.bootstrap import interval, patient_resamples
+from medfm.evals.metrics import MetricError
 from medfm.evals.protocols.base import FeatureSplit, ProtocolError, ProtocolResult, Row, TaskInfo
 from medfm.evals.protocols.knn import KNNOptions, knn_probe
 from medfm.evals.protocols.linear import LogisticOptions, logistic_probe
-from medfm.evals.scoring import metric_functions
+from medfm.evals.scoring import metric_functions, metric_range
 
 DEFAULT_METRICS = {"binary": ["auroc", "balanced_accuracy"], "multiclass": ["balanced_accuracy", "auroc_macro"],
                    "ordinal": ["balanced_accuracy", "kappa_quadratic"], "multilabel": ["auroc_macro"]}
@@ -45,8 +51,23 @@ def draw_few_shot(task: TaskInfo, train: FeatureSplit, k: int, rng: np.random.Ge
     return np.unique(np.concatenate(chosen))
 
 
+def nested_estimate(fn, y, draws: list[np.ndarray], groups, n_boot: int, seed: int, bounds):
+    """Mean over draws of ``fn(y, scores_r)`` with the nested patient x draw bootstrap interval (module doc)."""
+    value = float(np.mean([fn(y, s) for s in draws]))  # MetricError when undefined on the whole test set
+    rng = np.random.default_rng([seed, len(draws), 7])
+    stats, drawn = [], 0
+    for idx in patient_resamples(groups, len(y), n_boot, seed):
+        drawn += 1
+        picked, weight = np.unique(rng.integers(0, len(draws), size=len(draws)), return_counts=True)
+        try:
+            stats.append(float(np.average([fn(y[idx], draws[r][idx]) for r in picked], weights=weight)))
+        except MetricError:
+            continue
+    return interval(value, stats, drawn, len(y), len(np.unique(groups)), bounds=bounds)
+
+
 def few_shot(task: TaskInfo, train: FeatureSplit, val: FeatureSplit | None, test: FeatureSplit,
-             opts: FewShotOptions | None = None) -> ProtocolResult:
+             opts: FewShotOptions | None = None, n_boot: int = 1000, seed: int = 0) -> ProtocolResult:
     opts = opts or FewShotOptions()
     if opts.probe not in ("logistic", "knn"):
         raise ProtocolError(f"task {task.name}: few-shot probe must be logistic|knn, got {opts.probe!r}")
@@ -60,8 +81,7 @@ def few_shot(task: TaskInfo, train: FeatureSplit, val: FeatureSplit | None, test
     rows: list[Row] = []
     info: dict = {}
     for k in opts.shots:
-        values: dict[str, list[float]] = {m: [] for m in names}
-        errors: dict[str, str] = {}
+        scores: list[np.ndarray] = []
         sizes = []
         for r in range(opts.repeats):
             # One generator per (k, draw): adding a shot value never changes the draws of the others.
@@ -73,13 +93,14 @@ def few_shot(task: TaskInfo, train: FeatureSplit, val: FeatureSplit | None, test
             else:
                 pred, _ = logistic_probe(task, sub, None, test, LogisticOptions(c_grid=(opts.C,), refine_steps=0,
                                                                                  seed=opts.seed))
-            for m in names:
-                try:
-                    values[m].append(float(fns[m](pred.y_true, pred.scores)))
-                except ValueError as exc:
-                    errors[m] = str(exc)
+            scores.append(pred.scores)
+            y_true = pred.y_true
         for m in names:
-            est = mean_ci(values[m]) if values[m] else errors.get(m, "undefined")
+            try:
+                est = nested_estimate(fns[m], y_true, scores, test.groups, n_boot, seed, metric_range(m))
+            except ValueError as exc:  # MetricError: undefined on the test set itself
+                est = str(exc).splitlines()[0] or "undefined"
             rows.append(Row(m, est, {"shots": k, "repeats": opts.repeats}))
         info[f"{k}-shot train sizes"] = sorted(set(sizes))
+    info["interval"] = "patient bootstrap of the test set, draws resampled inside each replicate"
     return ProtocolResult(rows, None, info)

@@ -113,12 +113,13 @@ def generation_metrics(references: Sequence[str], hypotheses: Sequence[str], gro
     """BLEU-4 and ROUGE-L (and finding F1 when a labeller is given) with patient-level bootstrap CIs."""
     refs, hyps = np.asarray(list(references), dtype=object), np.asarray(list(hypotheses), dtype=object)
     rows = [Row("bleu4", bootstrap_ci(lambda r, h: corpus_bleu(list(r), list(h)), [refs, hyps], groups=groups,
-                                      n_boot=n_boot, seed=seed)),
+                                      n_boot=n_boot, seed=seed, bounds=(0.0, 1.0))),
             Row("rouge_l", bootstrap_ci(np.mean, [np.array([rouge_l(r, h) for r, h in zip(refs, hyps)])],
-                                        groups=groups, n_boot=n_boot, seed=seed))]
+                                        groups=groups, n_boot=n_boot, seed=seed, bounds=(0.0, 1.0)))]
     if labeller is not None:
         y_ref, y_hyp = labeller.label_all(list(refs)), labeller.label_all(list(hyps))
         for avg in ("micro", "macro"):
             rows.append(Row(f"finding_f1_{avg}", bootstrap_ci(lambda a, b, avg=avg: M.f1(a, b, avg), [y_ref, y_hyp],
-                                                              groups=groups, n_boot=n_boot, seed=seed)))
+                                                              groups=groups, n_boot=n_boot, seed=seed,
+                                                              bounds=(0.0, 1.0))))
     return ProtocolResult(rows, None, {"n": len(refs)})

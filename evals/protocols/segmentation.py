@@ -231,14 +231,15 @@ def segmentation_probe(name: str, class_names: list[str], train: DenseSplit, val
     hd_name = f"hd{int(opts.hd_percentile)}" if float(opts.hd_percentile).is_integer() else "hd"
     rows = []
 
-    def est(values):
-        return bootstrap_ci(M.nanmean_defined, [values], groups=test.groups, n_boot=n_boot, seed=seed)
+    def est(metric, values):  # Dice in [0, 1], Hausdorff distances >= 0
+        bounds = (0.0, 1.0) if metric.startswith("dice") else (0.0, np.inf)
+        return bootstrap_ci(M.nanmean_defined, [values], groups=test.groups, n_boot=n_boot, seed=seed, bounds=bounds)
 
     for j, cname in enumerate(class_names[1:]):
         for metric, values, params in (("dice", dice[:, j], {"class": cname}),
                                        (hd_name, hd[:, j], {"class": cname, "units": units})):
             try:
-                rows.append(Row(metric, est(values), params))
+                rows.append(Row(metric, est(metric, values), params))
             except M.MetricError as exc:
                 rows.append(Row(metric, f"class {cname!r}: {exc}", params))
     with np.errstate(invalid="ignore"):  # a sample may hold none of the foreground classes: NaN, skipped
@@ -249,7 +250,7 @@ def segmentation_probe(name: str, class_names: list[str], train: DenseSplit, val
             dice_mean, hd_mean = np.nanmean(dice, axis=1), np.nanmean(hd, axis=1)
     for metric, values, params in (("dice_mean", dice_mean, {}), (f"{hd_name}_mean", hd_mean, {"units": units})):
         try:
-            rows.append(Row(metric, est(values), params))
+            rows.append(Row(metric, est(metric, values), params))
         except M.MetricError as exc:
             rows.append(Row(metric, str(exc), params))
     info.update(classes=list(class_names), units=units, grid=list(test.grid))

@@ -23,6 +23,7 @@ import yaml
 
 from medfm.pretrain.checkpoint import CheckpointManager, git_commit, rng_state, set_rng_state
 from medfm.pretrain.config import RunConfig
+from medfm.pretrain.data_report import announce_lost, lost_metrics, skip_metrics, skipped_all_ranks
 from medfm.pretrain.engine import Engine, init_distributed, setup_environment
 from medfm.pretrain.faults import FaultInjector
 from medfm.pretrain.step_flops import analytic_covers, analytic_micro_step_flops
@@ -187,9 +188,11 @@ def run(cfg: RunConfig) -> RunResult:
         set_rng_state(client["rng"])
     manifests = {s.name: s.fingerprint for s in loader.sources}
     commit = git_commit()
+    announce_lost(loader, rank)
     tracker = Tracker(cfg.tracking, run_dir, rank, flatten(to_dict(cfg)),
                       {"git_commit": commit, "world_size": str(world), "strategy": t.strategy,
-                       **{f"manifest.{k}": v for k, v in manifests.items()}},
+                       **{f"manifest.{k}": v for k, v in manifests.items()},
+                       **{f"data.{k}": str(v) for k, v in lost_metrics(loader).items()}},
                       t.steps, start, progress=t.progress)
     peak = t.peak_tflops * 1e12 if t.peak_tflops else measure_peak_flops(engine.dtype)
     flops_by_group: dict[str, float] = {}  # counter source: fwd+bwd FLOPs of one optimizer step per plan group
@@ -200,7 +203,8 @@ def run(cfg: RunConfig) -> RunResult:
     def client_state(step: int) -> dict:
         return {"step": step, "samples_seen": samples_seen, "train_flops": train_flops,
                 "loader": loader.state_dict(), "rng": rng_state(), "config": to_dict(cfg), "manifests": manifests,
-                "git_commit": commit, "world_size": world}
+                "git_commit": commit, "world_size": world,
+                "data_lost": loader.lost(), "skipped_all_ranks": skipped_all_ranks(loader)}
 
     def save(step: int) -> None:
         ckpt.save(engine, step, client_state(step))
@@ -271,8 +275,8 @@ def run(cfg: RunConfig) -> RunResult:
                     metrics.update({f"grad_norm/{k}": v for k, v in norms.items()})
                 # Skipped samples by reason, summed over ranks: a collective, and every rank is here (log steps and
                 # skipped steps are the same on all ranks).
-                for reason, n in loader.all_counters().items():
-                    metrics[f"skipped_{reason}"] = n
+                metrics.update(skip_metrics(loader))
+                metrics.update(lost_metrics(loader))  # left out before step 1 (constant; empty when none)
                 tracker.log(step, metrics)
             tracker.progress(step, {"loss": total})
             if t.nan_guard and consecutive_bad >= t.nan_guard:

@@ -1,0 +1,145 @@
+"""No silent data loss: a deleted, garbage or truncated shard is an error naming it before step 1 (or, with
+``on_missing_shard: skip``, a counted loss in the state and the fingerprint); a member whose bytes differ from the
+manifest's per-member checksum is a counted skip, never trained on."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_shards_loader_helpers import make_dataset
+
+from medfm.shards.loader import LoaderConfig, ShardLoader, SourceConfig
+from medfm.shards.preflight import ShardCheckError
+
+# Mixed-split shards, as the demo's mri2d set has: the loader scans them per sample, where bad shards used to vanish.
+SPLITS = ["train" if i % 4 else "val" for i in range(24)]
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pre") / "ds"
+    make_dataset(d, 24, prefix="p", per_shard=6, splits=SPLITS)
+    return d
+
+
+def _copy(clean, tmp_path) -> Path:
+    d = tmp_path / "ds"
+    shutil.copytree(clean, d)
+    return d
+
+
+def _loader(d, **kw) -> ShardLoader:
+    return ShardLoader(LoaderConfig(sources=[SourceConfig(str(d))], batch_size=3, num_workers=0, **kw),
+                       rank=0, world_size=1)
+
+
+def _delete(path: Path):
+    path.unlink()
+
+
+def _garbage_same_size(path: Path):
+    path.write_bytes(np.random.default_rng(1).bytes(path.stat().st_size))
+
+
+def _garbage(path: Path):
+    path.write_bytes(np.random.default_rng(2).bytes(3000))
+
+
+def _truncate_mid_member(path: Path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2 + 100])
+
+
+@pytest.mark.parametrize("damage, reason", [(_delete, "missing_shard"), (_garbage_same_size, "unreadable_shard"),
+                                            (_garbage, "size_mismatch"), (_truncate_mid_member, "size_mismatch")])
+def test_a_bad_shard_is_an_error_naming_it_or_a_counted_loss(clean, tmp_path, damage, reason):
+    full = len(_loader(clean).sources[0])
+    fingerprint = _loader(clean).sources[0].fingerprint
+    d = _copy(clean, tmp_path)
+    damage(d / "p-000001.tar")
+    with pytest.raises(ShardCheckError, match=rf"p-000001.tar: {reason}.*on_missing_shard=skip"):
+        _loader(d)
+    ld = _loader(d, on_missing_shard="skip")
+    src = ld.sources[0]
+    in_split = json.loads((d / "manifest.json").read_text())["shards"][1]["splits"]["train"]
+    assert src.lost == {reason: in_split} and len(src) == full - in_split
+    assert ld.lost() == {"ds": {reason: in_split}} and ld.state_dict()["lost"] == ld.lost()
+    assert src.fingerprint != fingerprint  # a resume onto the damaged set is noticed
+    keys = [k for b in ld for k in b["keys"]]
+    assert keys and not any(k.startswith("p_") and 6 <= int(k.split("_")[1]) < 12 for k in keys)
+    # a clean set keeps its fingerprint under skip (nothing dropped): checkpoints of older runs still resume
+    assert _loader(clean, on_missing_shard="skip").sources[0].fingerprint == fingerprint
+
+
+def _flip_npy_data(path: Path, key: str) -> None:
+    """Overwrite the last bytes of ``key``'s image.npy inside the tar: it still decodes, to other pixels."""
+    from medfm.shards.stream import index_tar
+
+    key_, members = next(s for s in index_tar(str(path)).samples if s[0] == key)
+    _, offset, size = next(m for m in members if m[0] == "image.npy")
+    with open(path, "r+b") as f:
+        f.seek(offset + size - 8)
+        f.write(b"\x01\x02\x03\x04\x05\x06\x07\x08")
+
+
+def test_npy_bytes_that_decode_but_differ_from_the_manifest_are_a_counted_skip(clean, tmp_path):
+    d = _copy(clean, tmp_path)
+    _flip_npy_data(d / "p-000000.tar", "p_1")
+    ld = _loader(d)
+    keys = [k for _ in range(2) for b in ld for k in b["keys"]]
+    assert "p_1" not in keys
+    # met once per epoch at its own place in the order (2 epochs), plus any replacement draws that hit it
+    assert ld.bad_in_order.counts["checksum_mismatch"] == 2 and ld.counters.counts["checksum_mismatch"] >= 2
+
+
+def test_a_manifest_without_member_checksums_still_loads(clean, tmp_path):
+    d = _copy(clean, tmp_path)
+    manifest = json.loads((d / "manifest.json").read_text())
+    for s in manifest["shards"]:
+        del s["members"]
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    ld = _loader(d)
+    assert ld.sources[0].checksums is None and len(list(ld)) == ld.steps_per_epoch
+
+
+def test_pretrain_exits_1_with_one_line_naming_the_shard(tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).parent))
+    import yaml
+    from test_pretrain_helpers import make_shards, run_config
+
+    from medfm.launch.cli import main
+
+    data = Path(make_shards(tmp_path / "shards", n=8, modalities=("image",), per_shard=4))
+    (data / "ds-000001.tar").unlink()
+    cfg = run_config(tmp_path / "run", str(data), [{"name": "mae:image"}], ("image",), batch=4, steps=1,
+                     train={"strategy": "ddp"})
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["pretrain", str(tmp_path / "run.yaml")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ds-000001.tar: missing_shard" in err[0], err
+
+
+def test_skip_mode_run_reports_the_loss_in_log_metrics_and_checkpoint(tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_pretrain_helpers import make_shards, run_config
+
+    from medfm.pretrain.config import RunConfig
+    from medfm.pretrain.train import run
+    from medfm.schema import from_dict
+
+    data = Path(make_shards(tmp_path / "shards", n=12, modalities=("image",), per_shard=4))
+    (data / "ds-000002.tar").write_bytes(b"not a tar")
+    cfg = run_config(tmp_path / "run", str(data), [{"name": "mae:image"}], ("image",), batch=4, steps=2,
+                     train={"strategy": "ddp"}, checkpoint={"final": True})
+    cfg["data"]["on_missing_shard"] = "skip"
+    assert run(from_dict(RunConfig, cfg)).status == "finished"
+    assert "4 samples left out before step 1" in capsys.readouterr().err
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["lost/shards/size_mismatch"] == 4
+    client = json.loads((tmp_path / "run" / "checkpoints" / "step2" / "client" / "rank0.json").read_text())
+    assert client["data_lost"] == {"shards": {"size_mismatch": 4}} and client["loader"]["lost"] == client["data_lost"]

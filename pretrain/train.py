@@ -45,8 +45,11 @@ class RunResult:
 def measure_peak_flops(dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
     """Dense matmul FLOP/s of this device (the best of a few runs) — the MFU denominator when none is declared."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    a = torch.randn(n, n, device=dev, dtype=dtype)
-    b = torch.randn(n, n, device=dev, dtype=dtype)
+    # Its own generator: it runs after a resume restored the RNG state, and a draw from the global stream here
+    # made the first resumed step's MAE masks / dropout differ from the uninterrupted run's (issue #17).
+    gen = torch.Generator(device=dev).manual_seed(0)
+    a = torch.randn(n, n, device=dev, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=dev, dtype=dtype, generator=gen)
     a @ b  # warm-up
     best = float("inf")
     for _ in range(repeats):

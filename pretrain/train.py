@@ -282,6 +282,7 @@ def run(cfg: RunConfig) -> RunResult:
                 metrics.update(lost_metrics(loader))  # left out before step 1 (constant; empty when none)
                 tracker.log(step, metrics)
             tracker.progress(step, {"loss": total})
+            faults.at_step(step)
             if t.nan_guard and consecutive_bad >= t.nan_guard:
                 last = ckpt.latest()
                 result.status = "nan_stop"

@@ -30,6 +30,31 @@ def flatten(d, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def drop_rows_after(path: Path, step: int) -> dict[str, list[tuple[int, float]]]:
+    """Keep only the rows of steps <= ``step`` in metrics.jsonl (atomically) and return their history.
+
+    A restart resumes from its last checkpoint and replays the steps after it; their rows from the killed attempt
+    are dropped here, so the file holds one row per step (the replayed rows replace them)."""
+    history: dict[str, list[tuple[int, float]]] = {}
+    if not path.is_file():
+        return history
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by a kill mid-write
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line)
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    history.setdefault(k, []).append((row["step"], float(v)))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+    return history
+
+
 class Tracker:
     """No-op on every rank but 0."""
 
@@ -46,6 +71,7 @@ class Tracker:
         if rank != 0:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.history = drop_rows_after(self.run_dir / "metrics.jsonl", start_step)
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a")
         if cfg.enabled:
             self._start_mlflow(params, tags)

@@ -26,6 +26,7 @@ from medfm.pretrain.config import RunConfig
 from medfm.pretrain.data_report import announce_lost, lost_metrics, skip_metrics, skipped_all_ranks
 from medfm.pretrain.engine import Engine, init_distributed, setup_environment
 from medfm.pretrain.faults import FaultInjector
+from medfm.pretrain.resume_config import apply_changes, resume_changes, saved_config
 from medfm.pretrain.step_flops import analytic_covers, analytic_micro_step_flops
 from medfm.pretrain.tracking import Tracker, flatten
 from medfm.schema import ConfigError, to_dict
@@ -167,6 +168,11 @@ def run(cfg: RunConfig) -> RunResult:
         # could move "latest" onto a pruned tag: refuse before anything is written.
         raise ConfigError(f"run_dir {run_dir} already holds checkpoints ({', '.join(earlier[-2:])}) of an earlier "
                           "run: pass checkpoint.resume=latest to continue it, or a new name/run_dir")
+    changed = {}
+    if cfg.checkpoint.resume:  # refuse a change that may not happen on resume before config.yaml is rewritten
+        changed = resume_changes(cfg, *saved_config(CheckpointManager(run_dir / "checkpoints", cfg.checkpoint.keep,
+                                                                      rank, world), cfg.checkpoint.resume, rank),
+                                 world)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         tmp = run_dir / f".config.yaml.{os.getpid()}.tmp"  # every restart reads this file: never leave it torn
@@ -189,13 +195,15 @@ def run(cfg: RunConfig) -> RunResult:
         train_flops = float(client.get("train_flops", 0.0))  # checkpoints before train_flops existed: from 0
         loader.load_state_dict(client["loader"])
         set_rng_state(client["rng"])
+        apply_changes(engine, changed, rank)
     manifests = {s.name: s.fingerprint for s in loader.sources}
     commit = git_commit()
     announce_lost(loader, rank)
     tracker = Tracker(cfg.tracking, run_dir, rank, flatten(to_dict(cfg)),
                       {"git_commit": commit, "world_size": str(world), "strategy": t.strategy,
                        **{f"manifest.{k}": v for k, v in manifests.items()},
-                       **{f"data.{k}": str(v) for k, v in lost_metrics(loader).items()}},
+                       **{f"data.{k}": str(v) for k, v in lost_metrics(loader).items()},
+                       **{f"resume.changed.{k}": f"{a} -> {b}" for k, (a, b) in changed.items()}},
                       t.steps, start, progress=t.progress)
     peak = t.peak_tflops * 1e12 if t.peak_tflops else measure_peak_flops(engine.dtype)
     flops_by_group: dict[str, float] = {}  # counter source: fwd+bwd FLOPs of one optimizer step per plan group

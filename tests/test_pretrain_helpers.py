@@ -133,6 +133,37 @@ def demo_like_config(root, run_dir, steps: int = 12, every: int = 3) -> dict:
     return cfg
 
 
+def launch_with_kills(cfg: dict, workdir, kills: list[tuple[int, int]], timeout: int = 900):
+    """``medfm launch --nproc-per-node 2 --max-restarts len(kills)`` of ``cfg`` where attempt i SIGKILLs rank
+    ``kills[i][1]`` right after step ``kills[i][0]`` (steps increasing, so every attempt reaches its kill).
+    Returns the CompletedProcess (stdout+stderr in ``.stdout``)."""
+    import os
+    import subprocess
+
+    import yaml
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / f"{Path(cfg['run_dir']).name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    faults = ",".join(f"kill-at-step:{s}:{r}:{i}" for i, (s, r) in enumerate(kills))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("MEDFM_FAULT", None)
+    if faults:
+        env["MEDFM_FAULT"] = faults
+    cmd = [sys.executable, "-m", "medfm.launch.cli", "launch", str(path), "--nproc-per-node", "2",
+           "--max-restarts", str(len(kills))]
+    return subprocess.run(cmd, env=env, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=timeout)
+
+
+def final_weights(run_dir) -> dict:
+    """The consolidated fp32 model weights of a run's latest checkpoint."""
+    from medfm.pretrain.checkpoint import consolidate, model_state_dict
+
+    return model_state_dict(consolidate(Path(run_dir) / "checkpoints"))
+
+
 def _objective_modalities(name: str) -> list[str]:
     kind, arg = name.split(":")
     return arg.split("-") + (["text"] if kind == "caption" else [])

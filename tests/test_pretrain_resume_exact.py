@@ -9,6 +9,7 @@ RNG state, so the first resumed step drew other MAE masks / dropout than the uni
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -57,6 +58,8 @@ def test_resume_is_bit_exact_for_every_objective_mix(tmp_path, shards, mix, accu
     want = _weights(tmp_path / "run")
     resumed = _run({**cfg, "checkpoint": {**cfg["checkpoint"], "resume": "step2"}})
     assert resumed.losses == first.losses[2:]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # the replayed steps' rows replaced, not appended
     got = _weights(tmp_path / "run")
     assert sorted(got) == sorted(want)
     assert all(torch.equal(got[k], want[k]) for k in want), [k for k in want if not torch.equal(got[k], want[k])]

@@ -114,12 +114,35 @@ class Tracker:
             run = mlflow.start_run(run_name=self.cfg.run_name or None)
             self._run_id = run.info.run_id
             self._mlflow = mlflow
+            self._supersede(mlflow)
             items = list(params.items())
             for i in range(0, len(items), 100):  # mlflow's batch limit
                 mlflow.log_params(dict(items[i:i + 100]))
             mlflow.set_tags(tags)
         except Exception as exc:  # noqa: BLE001 - any tracking failure must not stop training
             self._fail("start", exc)
+
+    def _supersede(self, mlflow) -> None:
+        """One mlflow run per training run, one row per step: a restart's new run first gets the kept history
+        (metrics.jsonl up to the resumed step), and the killed attempt's run, whose rows after that step are
+        replayed, is tagged and soft-deleted (``mlflow gc`` purges it; restorable until then)."""
+        from mlflow.entities import Metric
+
+        marker = self.run_dir / "mlflow_run_id"
+        client = mlflow.MlflowClient()
+        rows = [Metric(k, v, 0, step) for k, pts in self.history.items() for step, v in pts if math.isfinite(v)]
+        for i in range(0, len(rows), 1000):  # mlflow's batch limit
+            client.log_batch(self._run_id, metrics=rows[i:i + 1000])
+        old = marker.read_text().strip() if marker.is_file() else ""
+        if old and old != self._run_id:
+            try:
+                client.set_tag(old, "medfm.superseded_by", self._run_id)
+                client.delete_run(old)
+            except Exception as exc:  # noqa: BLE001 - the old run may live in another store or be gone
+                warnings.warn(f"mlflow: could not supersede the earlier attempt's run {old}: {exc}", stacklevel=2)
+        tmp = marker.with_name(marker.name + ".tmp")
+        tmp.write_text(self._run_id)
+        os.replace(tmp, marker)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if self.rank != 0:

@@ -61,11 +61,30 @@ def _config(args):
     return from_dict(IngestConfig, data)
 
 
+def _without_partial_output(out: Path, work):
+    """Run ``work``; if it fails to write (OSError), remove what it added under ``out`` (and ``out`` itself if it
+    created it), so a failed build leaves nothing that looks like a shard set. The error goes on to the CLI."""
+    existed = out.exists()
+    before = set(out.iterdir()) if existed and out.is_dir() else set()
+    try:
+        return work()
+    except OSError:
+        import shutil
+
+        if not existed:
+            shutil.rmtree(out, ignore_errors=True)
+        elif out.is_dir():
+            for p in set(out.iterdir()) - before:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        raise
+
+
 def _build(args) -> int:
     from medfm.shards.ingest import build
 
     cfg = _config(args)
-    manifest = build(args.sources, args.out, cfg, progress=not args.quiet)
+    manifest = _without_partial_output(Path(args.out), lambda: build(args.sources, args.out, cfg,
+                                                                     progress=not args.quiet))
     if not manifest["totals"].get("samples"):
         # Keep the record of why (skipped inputs by reason) but not as a shard set: an empty manifest.json would
         # look like a valid dataset and make the next build demand --overwrite.

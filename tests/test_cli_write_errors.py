@@ -71,3 +71,21 @@ def test_a_poisoned_checkpoint_is_refused_in_one_line(tmp_path, capsys, command)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc in (1, 2) and len(err) == 1 and "Traceback" not in err[0], err
     assert not pathlib.Path("/tmp/medfm-should-never-exist").exists()
+
+
+def test_pretrain_run_dir_that_cannot_be_written_is_one_line(tmp_path, capsys):
+    import sys
+
+    import yaml
+
+    sys.path.insert(0, str(pathlib.Path(__file__).parent))
+    from test_pretrain_helpers import make_shards, run_config
+
+    shards = make_shards(tmp_path / "shards", n=4, modalities=("image",), per_shard=4)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    cfg = run_config(blocker / "run", shards, [{"name": "mae:image"}], ("image",), steps=1, train={"strategy": "ddp"})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(cfg))
+    rc = main(["pretrain", str(tmp_path / "r.yaml")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and f"cannot write {blocker / 'run'}" in err[0], err

@@ -1,5 +1,6 @@
 """Failures every ``medfm`` command reports as one line (exit 1) instead of a traceback: the work could not write
-its output (read-only directory, disk full, no permission) or refused a checkpoint that needs unpickling."""
+its output (read-only directory, disk full, no permission), refused a checkpoint that needs unpickling, or found a
+bad shard before training."""
 
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQU
 
 def one_line(exc: BaseException) -> str | None:
     """The one-line message of an expected failure, or None for a bug (which keeps its traceback)."""
+    from medfm.shards.preflight import ShardCheckError
+
+    if isinstance(exc, ShardCheckError):  # a shard failed the check before step 1 (the work's finding)
+        return str(exc)
     if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
         path = exc.filename or "(unknown path)"
         return f"cannot write {path}: {exc.strerror or exc}"

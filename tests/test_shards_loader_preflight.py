@@ -143,3 +143,21 @@ def test_skip_mode_run_reports_the_loss_in_log_metrics_and_checkpoint(tmp_path, 
     assert rows[0]["lost/shards/size_mismatch"] == 4
     client = json.loads((tmp_path / "run" / "checkpoints" / "step2" / "client" / "rank0.json").read_text())
     assert client["data_lost"] == {"shards": {"size_mismatch": 4}} and client["loader"]["lost"] == client["data_lost"]
+
+
+def test_launch_stops_on_a_bad_shard_before_starting_ranks(tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).parent))
+    import yaml
+    from test_pretrain_helpers import make_shards, run_config
+
+    from medfm.launch.cli import main
+
+    data = Path(make_shards(tmp_path / "shards", n=8, modalities=("image",), per_shard=4))
+    (data / "ds-000000.tar").write_bytes(b"junk")
+    cfg = run_config(tmp_path / "run", str(data), [{"name": "mae:image"}], ("image",), batch=4, steps=1,
+                     train={"strategy": "ddp"})
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["launch", str(tmp_path / "run.yaml"), "--nproc-per-node", "2", "--max-restarts", "3",
+                 "--dry-run"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ds-000000.tar: size_mismatch" in err[0], err

@@ -161,3 +161,38 @@ def test_launch_stops_on_a_bad_shard_before_starting_ranks(tmp_path, capsys):
                  "--dry-run"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "ds-000000.tar: size_mismatch" in err[0], err
+
+
+@pytest.mark.slow
+def test_mid_run_skips_are_summed_over_ranks_in_logs_and_checkpoint(tmp_path):
+    """2 ranks (torchrun, DDP): a shard with bad samples (valid tar, right size) is met by both ranks; the logged
+    ``skipped_<reason>`` and the checkpoint's ``skipped_all_ranks`` are the sum of the ranks' own counters."""
+    import os
+    import subprocess
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_pretrain_helpers import make_shards, run_config
+    from test_pretrain_loop import _plant_bad_shard
+
+    data = Path(make_shards(tmp_path / "shards", n=8, modalities=("image",), per_shard=4))
+    _plant_bad_shard(data)
+    cfg = run_config(tmp_path / "run", str(data), [{"name": "mae:image"}], ("image",), batch=2, steps=6,
+                     train={"strategy": "ddp"}, checkpoint={"final": True})
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"phases": [{"config": cfg}], "out": str(tmp_path / "out.json")}))
+    helper = Path(__file__).with_name("test_pretrain_helpers.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(helper.parent)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(helper), str(spec)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ck = tmp_path / "run" / "checkpoints" / "step6" / "client"
+    per_rank = [json.loads((ck / f"rank{r}.json").read_text()) for r in range(2)]
+    summed: dict[str, int] = {}
+    for c in per_rank:
+        for k, v in c["loader"]["counters"].items():
+            summed[k] = summed.get(k, 0) + v
+    assert all(c["loader"]["counters"] for c in per_rank), per_rank  # both ranks met bad samples
+    assert per_rank[0]["skipped_all_ranks"] == per_rank[1]["skipped_all_ranks"] == summed
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {k[len("skipped_"):]: v for k, v in last.items() if k.startswith("skipped_") and k != "skipped_steps"} \
+        == summed

@@ -174,12 +174,28 @@ def timed(fns: dict, repeat: int) -> dict[str, tuple[float, int]]:
     return best
 
 
+def _without_checksums(d: Path, out: Path) -> Path:
+    """The same shards (symlinked) under a manifest without per-member checksums (an older manifest)."""
+    if not out.exists():
+        out.mkdir()
+        manifest = json.loads((d / "manifest.json").read_text())
+        for s in manifest["shards"]:
+            s.pop("members", None)
+            (out / s["name"]).symlink_to(d / s["name"])
+        (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run, not for the table)")
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--modalities", default="image+text,signal,volume", help="comma-separated subset to time")
+    ap.add_argument("--checksums-ablation", action="store_true",
+                    help="also time medfm on the same shards with the manifest's per-member checksums removed "
+                         "(what verifying every member's crc32 costs)")
     args = ap.parse_args()
     workers = [int(w) for w in args.workers.split(",")]
     q = args.quick
@@ -199,10 +215,14 @@ def main() -> None:
         for name, d, mods, b in (("image+text", tmp / "img", ("image", "text"), batch),
                                  ("signal", tmp / "sig", ("signal",), batch),
                                  ("volume", tmp / "vol", ("volume",), 4)):
+            if name not in args.modalities.split(","):
+                continue
             _warm(d)
             mb = _dir_bytes(d) / 1e6
             for w in workers:
                 fns = {"medfm": partial(run_medfm, d, b, w), "wds": partial(run_wds, d, b, w, mods)}
+                if args.checksums_ablation:
+                    fns["medfm_nocrc"] = partial(run_medfm, _without_checksums(d, tmp / f"{d.name}-nocrc"), b, w)
                 if name == "volume":
                     _warm(tmp / "nifti")
                     fns["monai"] = partial(run_monai, niftis, b, w)
@@ -213,6 +233,10 @@ def main() -> None:
                        "medfm_samples_s": n_m / t_m, "medfm_MB_s": per_sample_mb * n_m / t_m,
                        "wds_samples_s": n_w / t_w, "wds_MB_s": per_sample_mb * n_w / t_w}
                 row["ratio"] = row["medfm_samples_s"] / row["wds_samples_s"]
+                if "medfm_nocrc" in res:
+                    t_c, n_c = res["medfm_nocrc"]
+                    row["ratio_without_checksums"] = n_c / t_c / row["wds_samples_s"]
+                    row["with_vs_without_checksums"] = row["medfm_samples_s"] / (n_c / t_c)
                 if name == "volume":
                     t_o, n_o = res["monai"]
                     row["monai_samples_s"] = n_o / t_o

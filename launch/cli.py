@@ -64,6 +64,14 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("medfm: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # write errors and refused checkpoints: one line, exit 1 (launch/errors.py)
+        from medfm.launch.errors import one_line
+
+        msg = one_line(exc)
+        if msg is None:
+            raise
+        print(f"medfm: error: {msg}", file=sys.stderr)
+        return 1
     return int(rc or 0)
 
 

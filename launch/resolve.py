@@ -63,6 +63,22 @@ def check_shards(cfg) -> None:
         if not have:
             raise ConfigError(f"data.sources[{i}].path: {p} holds no {split or ''} samples (check `medfm shards "
                               f"inspect {p}`)".replace("no  samples", "no samples"))
+        if cfg.data.on_missing_shard == "error":
+            check_shard_files(p, manifest, split)
+
+
+def check_shard_files(directory: Path, manifest: dict, split) -> None:
+    """The loader's check before step 1 (shards/preflight.py), run once by the launcher too: a bad shard then stops
+    the launch in one line (exit 1) instead of failing every rank of every ``--max-restarts`` attempt."""
+    from medfm.shards.preflight import ShardCheckError, check_shard
+
+    for shard in manifest["shards"]:
+        if split is not None and not shard["splits"].get(split):
+            continue
+        problem = check_shard(str(directory / shard["name"]), shard)
+        if problem is not None:
+            raise ShardCheckError(f"source {directory.name}: shard {problem} (set data.on_missing_shard=skip to "
+                                  "train without it, counted)")
 
 
 def check_world(cfg, world_sizes) -> None:

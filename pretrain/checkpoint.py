@@ -77,6 +77,18 @@ def _write_json_atomic(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
+def _unshared(state: dict) -> dict:
+    """CPU tensors safetensors can write: tied weights (a caption decoder's token embedding and LM head share one
+    storage) are copied, since safetensors refuses shared storage; loading copies into both names alike."""
+    seen, out = set(), {}
+    for k, v in state.items():
+        v = v.detach().contiguous().cpu()
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    return out
+
+
 class CheckpointManager:
     def __init__(self, root, keep: int, rank: int, world_size: int, faults=None):
         self.root = Path(root)
@@ -144,10 +156,7 @@ class CheckpointManager:
 
         if self.rank != 0:  # DDP replicas are identical
             return
-        # One host copy per key: on CPU ``.cpu()`` is a no-op, and tied weights (the caption decoder's embedding and
-        # lm_head) would reach safetensors sharing memory, which it refuses.
-        save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in engine.module.state_dict().items()},
-                  str(path / "model.safetensors"))
+        save_file(_unshared(engine.module.state_dict()), str(path / "model.safetensors"))
         opt = engine.optimizer.state_dict()
         tensors, meta = {}, {"param_groups": opt["param_groups"], "state": {}}
         for idx, st in opt["state"].items():

@@ -17,8 +17,13 @@ def _pretrain(args) -> int:
 
     cfg = load_run_config(args.config, args.overrides)
     from medfm.pretrain.train import run
+    from medfm.shards.preflight import ShardCheckError
 
-    result = run(cfg)
+    try:
+        result = run(cfg)
+    except ShardCheckError as exc:  # the data check found a bad shard: the work's finding, exit 1, one line
+        print(f"medfm pretrain: {exc}", file=sys.stderr)
+        return 1
     if result.status != "finished":
         print(f"medfm pretrain: {result.message}", file=sys.stderr)
         return 1

@@ -242,6 +242,8 @@ class Engine:
         boundary = self.is_boundary()
         if self.strategy == "zero3":
             self.ds.step()
+            if boundary:
+                clear_zero3_grad_buffer(self.ds)
         elif boundary:
             if skip:
                 self.optimizer.zero_grad(set_to_none=True)
@@ -292,3 +294,18 @@ class Engine:
         return json.dumps({"strategy": self.strategy, "world_size": self.world_size, "precision":
                            self.cfg.train.precision, "params": sum(int(torch.Size(getattr(p, "ds_shape", p.shape))
                                                                       .numel()) for p in self.module.parameters())})
+
+
+def clear_zero3_grad_buffer(ds_engine) -> None:
+    """Zero DeepSpeed ZeRO-3's flat gradient-partition buffer after an optimizer step.
+
+    DeepSpeed 0.19.8 (stage3 ``independent_gradient_partition_epilogue``) hands the optimizer every parameter's
+    slice of that buffer, but only overwrites the slices of parameters that received a gradient this step. With a
+    step plan, towers that did not run in a step (another modality group) were therefore updated again with their
+    last step's gradients (also counted in the clipping norm; a NaN-skipped step's gradients stayed too). A resumed
+    run starts from a zero buffer, so it diverged from the uninterrupted run at the first step that skipped a tower
+    (issue #17). Zeroed, a tower that did not run has a zero gradient in every run.
+    """
+    buf = getattr(getattr(ds_engine, "optimizer", None), "grad_partitions_flat_buffer", None)
+    if torch.is_tensor(buf):
+        buf.zero_()

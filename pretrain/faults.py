@@ -9,6 +9,8 @@ restarted worker does not fire it again:
   ("latest" moved), before step S+1 trains.
 * ``kill-in-save:S`` — SIGKILL in the middle of saving checkpoint S: after this rank's model/optimizer partitions
   are written, before its client state and before the checkpoint is marked complete.
+* ``kill-at-step:S`` — SIGKILL right after optimizer step S (logged, not checkpointed unless S is a checkpoint
+  step): the restart replays the steps since the last checkpoint.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import signal
 import sys
 from dataclasses import dataclass
 
-MODES = ("kill-after-checkpoint", "kill-in-save")
+MODES = ("kill-after-checkpoint", "kill-in-save", "kill-at-step")
 ENV = "MEDFM_FAULT"
 
 
@@ -74,3 +76,8 @@ class FaultInjector:
         """Called by the loop once checkpoint ``step`` is complete on every rank."""
         if any(f.mode == "kill-after-checkpoint" and step >= f.step for f in self.faults):
             _kill_self(f"checkpoint step{step} complete", self.rank)
+
+    def at_step(self, step: int) -> None:
+        """Called by the loop after optimizer step ``step`` is logged (before its checkpoint, if any)."""
+        if any(f.mode == "kill-at-step" and f.step == step for f in self.faults):
+            _kill_self(f"after step {step}", self.rank)

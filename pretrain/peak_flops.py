@@ -63,8 +63,11 @@ def published_peak_flops(device_name: str, dtype: torch.dtype) -> float | None:
 
 def measure_peak_flops(dtype: torch.dtype, n: int = 1024, repeats: int = 5, device: str = "cpu") -> float:
     """Dense matmul FLOP/s on ``device`` (the best of a few runs): the CPU's MFU denominator."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # Its own generator: it runs after a resume restored the RNG state, and a draw from the global stream here
+    # made the first resumed step's MAE masks / dropout differ from the uninterrupted run's (issue #17).
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     a @ b  # warm-up
     best = float("inf")
     for _ in range(repeats):

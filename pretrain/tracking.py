@@ -30,6 +30,31 @@ def flatten(d, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def drop_rows_after(path: Path, step: int) -> dict[str, list[tuple[int, float]]]:
+    """Keep only the rows of steps <= ``step`` in metrics.jsonl (atomically) and return their history.
+
+    A restart resumes from its last checkpoint and replays the steps after it; their rows from the killed attempt
+    are dropped here, so the file holds one row per step (the replayed rows replace them)."""
+    history: dict[str, list[tuple[int, float]]] = {}
+    if not path.is_file():
+        return history
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by a kill mid-write
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line)
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    history.setdefault(k, []).append((row["step"], float(v)))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+    return history
+
+
 class Tracker:
     """No-op on every rank but 0."""
 
@@ -46,6 +71,7 @@ class Tracker:
         if rank != 0:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.history = drop_rows_after(self.run_dir / "metrics.jsonl", start_step)
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a")
         if cfg.enabled:
             self._start_mlflow(params, tags)
@@ -88,12 +114,35 @@ class Tracker:
             run = mlflow.start_run(run_name=self.cfg.run_name or None)
             self._run_id = run.info.run_id
             self._mlflow = mlflow
+            self._supersede(mlflow)
             items = list(params.items())
             for i in range(0, len(items), 100):  # mlflow's batch limit
                 mlflow.log_params(dict(items[i:i + 100]))
             mlflow.set_tags(tags)
         except Exception as exc:  # noqa: BLE001 - any tracking failure must not stop training
             self._fail("start", exc)
+
+    def _supersede(self, mlflow) -> None:
+        """One mlflow run per training run, one row per step: a restart's new run first gets the kept history
+        (metrics.jsonl up to the resumed step), and the killed attempt's run, whose rows after that step are
+        replayed, is tagged and soft-deleted (``mlflow gc`` purges it; restorable until then)."""
+        from mlflow.entities import Metric
+
+        marker = self.run_dir / "mlflow_run_id"
+        client = mlflow.MlflowClient()
+        rows = [Metric(k, v, 0, step) for k, pts in self.history.items() for step, v in pts if math.isfinite(v)]
+        for i in range(0, len(rows), 1000):  # mlflow's batch limit
+            client.log_batch(self._run_id, metrics=rows[i:i + 1000])
+        old = marker.read_text().strip() if marker.is_file() else ""
+        if old and old != self._run_id:
+            try:
+                client.set_tag(old, "medfm.superseded_by", self._run_id)
+                client.delete_run(old)
+            except Exception as exc:  # noqa: BLE001 - the old run may live in another store or be gone
+                warnings.warn(f"mlflow: could not supersede the earlier attempt's run {old}: {exc}", stacklevel=2)
+        tmp = marker.with_name(marker.name + ".tmp")
+        tmp.write_text(self._run_id)
+        os.replace(tmp, marker)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if self.rank != 0:

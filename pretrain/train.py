@@ -23,9 +23,11 @@ import yaml
 from medfm.pretrain import collectives
 from medfm.pretrain.checkpoint import CheckpointManager, git_commit, rng_state, set_rng_state
 from medfm.pretrain.config import RunConfig
+from medfm.pretrain.data_report import announce_lost, lost_metrics, skip_metrics, skipped_all_ranks
 from medfm.pretrain.engine import Engine, init_distributed, setup_environment
 from medfm.pretrain.faults import FaultInjector
 from medfm.pretrain.peak_flops import measure_peak_flops, mfu_metrics, mfu_peak  # noqa: F401 (re-export)
+from medfm.pretrain.resume_config import apply_changes, resume_changes, saved_config
 from medfm.pretrain.step_flops import analytic_covers, analytic_micro_step_flops
 from medfm.pretrain.tracking import Tracker, flatten
 from medfm.schema import ConfigError, to_dict
@@ -140,6 +142,11 @@ def run(cfg: RunConfig) -> RunResult:
         # could move "latest" onto a pruned tag: refuse before anything is written.
         raise ConfigError(f"run_dir {run_dir} already holds checkpoints ({', '.join(earlier[-2:])}) of an earlier "
                           "run: pass checkpoint.resume=latest to continue it, or a new name/run_dir")
+    changed = {}
+    if cfg.checkpoint.resume:  # refuse a change that may not happen on resume before config.yaml is rewritten
+        changed = resume_changes(cfg, *saved_config(CheckpointManager(run_dir / "checkpoints", cfg.checkpoint.keep,
+                                                                      rank, world), cfg.checkpoint.resume, rank),
+                                 world)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         tmp = run_dir / f".config.yaml.{os.getpid()}.tmp"  # every restart reads this file: never leave it torn
@@ -162,12 +169,16 @@ def run(cfg: RunConfig) -> RunResult:
         train_flops = float(client.get("train_flops", 0.0))  # checkpoints before train_flops existed: from 0
         loader.load_state_dict(client["loader"])
         set_rng_state(client["rng"])
+        apply_changes(engine, changed, rank)
     manifests = {s.name: s.fingerprint for s in loader.sources}
     commit = git_commit()
     peak, peak_source = mfu_peak(t.peak_tflops, engine.device, engine.dtype)  # MFU's denominator and its source
+    announce_lost(loader, rank)
     tracker = Tracker(cfg.tracking, run_dir, rank, flatten(to_dict(cfg)),
                       {"git_commit": commit, "world_size": str(world), "strategy": t.strategy, "mfu_peak": peak_source,
-                       **{f"manifest.{k}": v for k, v in manifests.items()}},
+                       **{f"manifest.{k}": v for k, v in manifests.items()},
+                       **{f"data.{k}": str(v) for k, v in lost_metrics(loader).items()},
+                       **{f"resume.changed.{k}": f"{a} -> {b}" for k, (a, b) in changed.items()}},
                       t.steps, start, progress=t.progress)
     flops_by_group: dict[str, float] = {}  # counter source: fwd+bwd FLOPs of one optimizer step per plan group
     analytic = analytic_covers(engine.module)
@@ -177,7 +188,8 @@ def run(cfg: RunConfig) -> RunResult:
     def client_state(step: int) -> dict:
         return {"step": step, "samples_seen": samples_seen, "train_flops": train_flops,
                 "loader": loader.state_dict(), "rng": rng_state(), "config": to_dict(cfg), "manifests": manifests,
-                "git_commit": commit, "world_size": world}
+                "git_commit": commit, "world_size": world,
+                "data_lost": loader.lost(), "skipped_all_ranks": skipped_all_ranks(loader)}
 
     def save(step: int) -> None:
         ckpt.save(engine, step, client_state(step))
@@ -244,10 +256,11 @@ def run(cfg: RunConfig) -> RunResult:
                     metrics.update({f"grad_norm/{k}": v for k, v in norms.items()})
                 # Skipped samples by reason, summed over ranks: a collective, and every rank is here (log steps and
                 # skipped steps are the same on all ranks).
-                for reason, n in loader.all_counters(gather_objects=collectives.all_gather_objects).items():
-                    metrics[f"skipped_{reason}"] = n
+                metrics.update(skip_metrics(loader))
+                metrics.update(lost_metrics(loader))  # left out before step 1 (constant; empty when none)
                 tracker.log(step, metrics)
             tracker.progress(step, {"loss": total})
+            faults.at_step(step)
             if t.nan_guard and consecutive_bad >= t.nan_guard:
                 last = ckpt.latest()
                 result.status = "nan_stop"

@@ -71,12 +71,34 @@ def _config(args):
     return from_dict(IngestConfig, data)
 
 
+def _without_partial_output(out: Path, work):
+    """Run ``work``; if it fails to write (OSError, or the build's BuildError), remove what it added under ``out``
+    (and ``out`` itself if it created it), so a failed build leaves nothing that looks like a shard set. The error
+    goes on to the CLI."""
+    from medfm.shards.ingest import BuildError
+
+    existed = out.exists()
+    before = set(out.iterdir()) if existed and out.is_dir() else set()
+    try:
+        return work()
+    except (OSError, BuildError):
+        import shutil
+
+        if not existed:
+            shutil.rmtree(out, ignore_errors=True)
+        elif out.is_dir():
+            for p in set(out.iterdir()) - before:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        raise
+
+
 def _build(args) -> int:
     from medfm.shards.ingest import BuildError, build
 
     cfg = _config(args)
     try:
-        manifest = build(args.sources, args.out, cfg, progress=not args.quiet)
+        manifest = _without_partial_output(Path(args.out), lambda: build(args.sources, args.out, cfg,
+                                                                         progress=not args.quiet))
     except BuildError as exc:
         print(f"medfm shards build: {exc}", file=sys.stderr)
         return 1

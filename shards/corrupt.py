@@ -18,6 +18,7 @@ READ_REASONS = (
     "unreadable_shard",  # not a tar at all (garbage bytes, wrong format)
     "truncated",         # the tar ends before this sample (or inside one of its members)
     "split_mismatch",    # a sample found where the manifest said another split lives (stale manifest)
+    "checksum_mismatch",  # a member's bytes differ from the manifest's per-member [bytes, crc32]
 )
 ALL_REASONS = READ_REASONS + REASONS
 

@@ -35,6 +35,7 @@ import hashlib
 import json
 import math
 import os
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,7 @@ from medfm.shards.corrupt import ReadError, ReplacementExhausted, SkipCounters, 
 from medfm.shards.manifest import MODALITIES, SPLITS, ManifestError, load_manifest, validate_manifest
 from medfm.shards.mix import TAG_AUGMENT, TAG_ORDER, TAG_REPLACE, allocate, hash_ints, normalize_weights, rng_for
 from medfm.shards.plan import GroupConfig, PlanConfig, StepPlan, StepPlanner
+from medfm.shards.preflight import ShardCheckError, check_shard
 from medfm.shards.stream import ShardReader
 
 STATE_VERSION = 1
@@ -83,6 +85,9 @@ class LoaderConfig:
     drop_last: bool = False
     steps_per_epoch: int | None = None                # default from the manifests
     max_replacements: int = 32                        # consecutive bad draws for one slot before giving up
+    # A shard that is missing, has another size than the manifest says, or is not a tar (checked before step 1,
+    # preflight.py): "error" stops with its name (exit 1); "skip" leaves it out and counts the lost samples.
+    on_missing_shard: Literal["error", "skip"] = "error"
     prefetch_factor: int = 2
     pin_memory: bool = False
     plan: PlanConfig = field(default_factory=PlanConfig)
@@ -106,6 +111,8 @@ class LoaderConfig:
             raise ValueError(f"loader.steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
         if self.max_replacements < 1:
             raise ValueError(f"loader.max_replacements must be >= 1, got {self.max_replacements}")
+        if self.on_missing_shard not in ("error", "skip"):
+            raise ValueError(f"loader.on_missing_shard must be error|skip, got {self.on_missing_shard!r}")
         self.plan.validate()
         self.collate.validate()
         self.augment.validate()
@@ -128,6 +135,10 @@ class Source:
     weight: float
     group: str | None
     fingerprint: str
+    # samples of the split left out because their shard failed the check before step 1, by reason
+    lost: dict[str, int] = field(default_factory=dict)
+    # per shard (table shard id): the manifest's per-sample {member: [bytes, crc32]} list, or None (older manifest)
+    checksums: list | None = None
 
     def __len__(self) -> int:
         return len(self.shard)
@@ -152,46 +163,89 @@ def _read_manifest(path: str) -> dict:
     return manifest
 
 
-def resolve_source(cfg: SourceConfig, split: str | None, reader: ShardReader | None = None) -> Source:
-    """Read the manifest and build the sample table. Shards holding several splits are scanned (meta.json only)."""
+def resolve_source(cfg: SourceConfig, split: str | None, reader: ShardReader | None = None,
+                   on_missing: str = "error") -> Source:
+    """Read the manifest, check every shard of the split (preflight.py) and build the sample table.
+
+    Shards holding several splits are scanned (meta.json only). A shard that fails the check, or a mixed shard
+    yielding fewer samples of ``split`` than the manifest counts, raises ShardCheckError naming it, or with
+    ``on_missing="skip"`` is left out and its samples counted in ``Source.lost`` by reason."""
     manifest = _read_manifest(cfg.path)
     name = cfg.name or (Path(cfg.path).name if "{name}" not in cfg.path else cfg.path)
-    urls, shard_ids, indices = [], [], []
+    urls, shard_ids, indices, sums = [], [], [], []
+    lost: dict[str, int] = {}
+    dropped: list[str] = []
     reader = reader or ShardReader()
+
+    def lose(shard_name: str, reason: str, n: int, message: str) -> None:
+        if on_missing != "skip":
+            raise ShardCheckError(f"source {name}: shard {message} (set data.on_missing_shard=skip to train "
+                                  "without it, counted)")
+        lost[reason] = lost.get(reason, 0) + n
+        dropped.append(f"{shard_name}:{reason}")
+
     for shard in manifest["shards"]:
         n = int(shard["samples"])
         in_split = n if split is None else int(shard["splits"].get(split, 0))
         if in_split == 0:
             continue
         url = _url_for(cfg.path, shard["name"])
-        j = len(urls)
-        urls.append(url)
+        problem = check_shard(url, shard)
+        if problem is not None:
+            lose(shard["name"], problem.reason, in_split, str(problem))
+            continue
         if in_split == n:
             idx = np.arange(n, dtype=np.int32)
         else:  # a mixed shard: find which samples are ours (reads only meta.json of each)
-            keep = []
+            keep, failure = [], None
             for i in range(n):
                 try:
                     meta = json.loads(reader.read(url, i, only=("meta.json",)).get("meta.json", b"{}"))
-                except (ReadError, ValueError):
-                    continue  # counted at read time if the loader ever draws it; here just not ours
+                except ReadError as exc:
+                    failure = failure or exc
+                    continue
+                except ValueError:
+                    continue  # undecodable meta: counted at read time if drawn; its split is unknown here
                 if isinstance(meta, dict) and meta.get("split") == split:
                     keep.append(i)
+            if len(keep) < in_split and failure is not None:
+                lose(shard["name"], failure.reason, in_split - len(keep), f"{shard['name']}: {failure.message}")
+                if not keep:
+                    continue
             idx = np.asarray(keep, dtype=np.int32)
-        shard_ids.append(np.full(len(idx), j, dtype=np.int32))
+        urls.append(url)
+        sums.append(shard.get("members"))
+        shard_ids.append(np.full(len(idx), len(urls) - 1, dtype=np.int32))
         indices.append(idx)
     if not urls or sum(len(i) for i in indices) == 0:
+        why = f", {sum(lost.values())} lost to bad shards {lost}" if lost else ""
         raise ManifestError(f"{cfg.path}: no samples of split {split!r} (manifest splits: "
-                            f"{manifest.get('totals', {}).get('splits')})")
+                            f"{manifest.get('totals', {}).get('splits')}{why})")
     counts = np.array([len(i) for i in indices], dtype=np.int64)
     mods = tuple(m for m in MODALITIES if manifest.get("totals", {}).get("modalities", {}).get(m))
     if not mods:
         mods = tuple(m for m in MODALITIES if any(s["modalities"].get(m) for s in manifest["shards"]))
-    fingerprint = hashlib.sha256(json.dumps([s.get("sha256") for s in manifest["shards"]] + [split]).encode()
-                                 ).hexdigest()[:16]
+    # What is really readable: the manifest's checksums plus the shards left out (absent when none, so a clean
+    # set keeps the fingerprint older checkpoints recorded).
+    ident = [s.get("sha256") for s in manifest["shards"]] + [split] + ([{"dropped": dropped}] if dropped else [])
+    fingerprint = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
     return Source(name=name, urls=urls, shard=np.concatenate(shard_ids), index=np.concatenate(indices),
                   shard_start=np.concatenate([[0], np.cumsum(counts)]), modalities=mods, weight=cfg.weight,
-                  group=cfg.group, fingerprint=fingerprint)
+                  group=cfg.group, fingerprint=fingerprint, lost=lost,
+                  checksums=sums if any(x is not None for x in sums) else None)
+
+
+def check_members(members: dict, expected: dict | None, where: str) -> None:
+    """ReadError("checksum_mismatch") when a member's bytes differ from the manifest's [bytes, crc32]."""
+    if not expected:
+        return
+    for suffix, (nbytes, crc) in expected.items():
+        data = members.get(suffix)
+        if data is None:
+            continue  # absent member: decoding reports missing_member
+        if len(data) != nbytes or zlib.crc32(data) != crc:
+            raise ReadError("checksum_mismatch", f"{where}.{suffix}: {len(data)} bytes crc32 "
+                            f"{zlib.crc32(data):08x}, manifest says {nbytes} bytes {crc:08x}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -329,7 +383,10 @@ class ShardDataset(IterableDataset):
 
     def _fetch(self, reader: ShardReader, m: int, row: int):
         s = self.schedule.sources[m]
-        members = reader.read(s.urls[s.shard[row]], int(s.index[row]))
+        j, i = int(s.shard[row]), int(s.index[row])
+        members = reader.read(s.urls[j], i)
+        if s.checksums is not None and s.checksums[j] is not None and i < len(s.checksums[j]):
+            check_members(members, s.checksums[j][i], f"{s.urls[j]}:{members.get('__key__')}")
         return members
 
     def build(self, step: int, src: np.ndarray, pos: np.ndarray, after: np.ndarray, reader: ShardReader) -> dict:
@@ -431,7 +488,7 @@ class ShardLoader:
             self.sources = []
             for i, s in enumerate(config.sources):
                 try:
-                    self.sources.append(resolve_source(s, config.split, reader))
+                    self.sources.append(resolve_source(s, config.split, reader, config.on_missing_shard))
                 except ManifestError as exc:  # a config problem (which source), not a crash: exit 2, one line
                     raise ConfigError(f"data.sources[{i}].path: {exc}") from None
         finally:
@@ -508,7 +565,7 @@ class ShardLoader:
                 "steps_per_epoch": self.steps_per_epoch,
                 "sources": [{"name": s.name, "samples": len(s), "fingerprint": s.fingerprint} for s in self.sources],
                 "counters": self.counters.as_dict(), "bad_in_order": self.bad_in_order.as_dict(),
-                "world_size": self.world_size}
+                "lost": self.lost(), "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
@@ -527,6 +584,11 @@ class ShardLoader:
         self.cursors = np.asarray(state["cursors"], dtype=np.int64)
         self.counters = SkipCounters(state.get("counters") or {})
         self.bad_in_order = SkipCounters(state.get("bad_in_order") or {})
+
+    def lost(self) -> dict[str, dict[str, int]]:
+        """Samples left out before step 1 (shards that failed the check), per source and reason; the same on every
+        rank (every rank checks the same files)."""
+        return {s.name: dict(s.lost) for s in self.sources if s.lost}
 
     def all_counters(self, which: str = "counters", gather_objects=None) -> dict[str, int]:
         """``counters`` (or ``bad_in_order``) summed over all ranks; a collective under torch.distributed.

@@ -94,6 +94,20 @@ def _require(d: Mapping, key: str, kind, where: str):
     return d[key]
 
 
+def _check_members(shard: Mapping, where: str) -> None:
+    """Optional per-sample member checksums (added after schema 1 shipped; older manifests have none): a list with
+    one ``{member: [bytes, crc32]}`` per sample, in tar order. The loader compares every member it reads."""
+    members = shard.get("members")
+    if members is None:
+        return
+    if not isinstance(members, list) or len(members) != shard["samples"]:
+        raise ManifestError(f"{where}: field 'members' should be a list of {shard['samples']} objects")
+    for i, m in enumerate(members):
+        if not isinstance(m, Mapping) or not all(
+                isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) for x in v) for v in m.values()):
+            raise ManifestError(f"{where}: members[{i}] should map member names to [bytes, crc32]")
+
+
 def validate_manifest(manifest: Mapping, where: str = MANIFEST_NAME) -> None:
     """Structural check of a manifest dict; raises ManifestError naming the first bad field."""
     if not isinstance(manifest, Mapping):
@@ -114,6 +128,7 @@ def validate_manifest(manifest: Mapping, where: str = MANIFEST_NAME) -> None:
         _require(shard, "sha256", str, w)
         _require(shard, "modalities", dict, w)
         _require(shard, "splits", dict, w)
+        _check_members(shard, w)
     _require(manifest, "totals", dict, where)
     _require(manifest, "deid", dict, where)
     _require(manifest, "vocabularies", dict, where)

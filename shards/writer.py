@@ -16,6 +16,7 @@ import io
 import json
 import os
 import tarfile
+import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,11 @@ def write_json_atomic(path, obj) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def member_checksums(members, names) -> dict[str, list[int]]:
+    """``{member: [bytes, crc32]}`` of one sample: what the loader compares every read against (manifest.py)."""
+    return {n: [len(members[n]), zlib.crc32(bytes(members[n]))] for n in names}
 
 
 class DatasetWriter:
@@ -105,7 +111,7 @@ class DatasetWriter:
         # USTAR: no pax headers (which would carry mtime/atime); member names are short.
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
         self._cur = {"name": name, "samples": 0, "bytes": 2 * _TAR_BLOCK,
-                     "modalities": Counter(), "splits": Counter(), "_tmp": tmp}
+                     "modalities": Counter(), "splits": Counter(), "members": [], "_tmp": tmp}
 
     def _finish_shard(self):
         if self._tar is None:
@@ -159,6 +165,7 @@ class DatasetWriter:
             self._add_member(f"{key}.{n}", bytes(members[n]))
         self._keys.add(key)
         cur = self._cur
+        cur["members"].append(member_checksums(members, names))
         cur["samples"] += 1
         cur["bytes"] += size
         for m in meta["modalities"]:

@@ -105,6 +105,70 @@ def run_config(run_dir, shards: str | list, objectives, modalities=MODS, batch: 
     return cfg
 
 
+def demo_like_config(root, run_dir, steps: int = 12, every: int = 3) -> dict:
+    """The demo's multimodal recipe (launch/demo.py: three sources, round-robin groups, every objective, ZeRO-3,
+    a DataLoader worker, measured MFU peak, text dropout), shrunk to CPU seconds. Shards are written under ``root``
+    once and reused."""
+    root = Path(root)
+    pairs = {"image_text": ("image", "text"), "volume_text": ("volume", "text"), "signal_text": ("signal", "text")}
+    sources = []
+    for name, mods in pairs.items():
+        if not (root / name / "manifest.json").is_file():
+            make_shards(root / name, n=12, modalities=mods, per_shard=4, prefix=name.split("_")[0])
+        sources.append({"path": str(root / name), "group": name, "name": name})
+    objectives = [{"name": "mae:image"}, {"name": "mae:volume"}, {"name": "mae:signal", "mask_ratio": 0.5},
+                  {"name": "contrastive:image-text"}, {"name": "contrastive:volume-text"},
+                  {"name": "contrastive:signal-text"}, {"name": "caption:image", "weight": 0.5},
+                  {"name": "caption:volume", "weight": 0.5}]
+    cfg = run_config(run_dir, [s["path"] for s in sources], objectives, MODS[:3] + ("text",), batch=2, steps=steps,
+                     train={"peak_tflops": 0.0, "log_every": 1},
+                     optim={"lr": 2e-3, "weight_decay": 0.05, "warmup_steps": 3, "min_lr_ratio": 0.1},
+                     checkpoint={"every": every, "keep": 10, "final": True})
+    groups = [{"name": g, "modalities": list(m), "objectives": [o["name"] for o in objectives
+                                                                 if set(_objective_modalities(o["name"])) <= set(m)]}
+              for g, m in pairs.items()]
+    cfg["data"].update({"sources": sources, "num_workers": 1, "plan": {"policy": "round_robin", "groups": groups}})
+    cfg["model"]["caption"]["context"] = ["image", "volume"]
+    cfg["model"]["towers"]["text"]["overrides"]["hidden_dropout"] = 0.1
+    return cfg
+
+
+def launch_with_kills(cfg: dict, workdir, kills: list[tuple[int, int]], timeout: int = 900):
+    """``medfm launch --nproc-per-node 2 --max-restarts len(kills)`` of ``cfg`` where attempt i SIGKILLs rank
+    ``kills[i][1]`` right after step ``kills[i][0]`` (steps increasing, so every attempt reaches its kill).
+    Returns the CompletedProcess (stdout+stderr in ``.stdout``)."""
+    import os
+    import subprocess
+
+    import yaml
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / f"{Path(cfg['run_dir']).name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    faults = ",".join(f"kill-at-step:{s}:{r}:{i}" for i, (s, r) in enumerate(kills))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("MEDFM_FAULT", None)
+    if faults:
+        env["MEDFM_FAULT"] = faults
+    cmd = [sys.executable, "-m", "medfm.launch.cli", "launch", str(path), "--nproc-per-node", "2",
+           "--max-restarts", str(len(kills))]
+    return subprocess.run(cmd, env=env, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=timeout)
+
+
+def final_weights(run_dir) -> dict:
+    """The consolidated fp32 model weights of a run's latest checkpoint."""
+    from medfm.pretrain.checkpoint import consolidate, model_state_dict
+
+    return model_state_dict(consolidate(Path(run_dir) / "checkpoints"))
+
+
+def _objective_modalities(name: str) -> list[str]:
+    kind, arg = name.split(":")
+    return arg.split("-") + (["text"] if kind == "caption" else [])
+
+
 def _worker(spec_path: str) -> None:
     """torchrun entry: train the spec's config (optionally in several phases) and report per rank."""
     import deepspeed.ops

@@ -237,29 +237,30 @@ def test_resume_reproduces_the_sequence_and_survives_a_world_size_change(ds):
 def test_corrupt_shards_are_skipped_counted_and_replaced(tmp_path):
     d = tmp_path / "bad"
     keys = make_dataset(d, 30, prefix="g", per_shard=6)
-    planted = plant_corruption(d)
-    cfg = LoaderConfig(sources=[SourceConfig(str(d))], batch_size=4, num_workers=2, seed=2)
+    planted, lost = plant_corruption(d)
+    cfg = LoaderConfig(sources=[SourceConfig(str(d))], batch_size=4, num_workers=2, seed=2, on_missing_shard="skip")
     runs = _run(cfg, world=2)
     lens = [len(seq) for seq, _ in runs]
-    assert lens[0] == lens[1] == runs[0][1].steps_per_epoch == math.ceil((30 + 5 + 4) / 8)
+    kept = 30 - lost["size_mismatch"] + 5  # the truncated and the garbage shard are left out before step 1
+    assert lens[0] == lens[1] == runs[0][1].steps_per_epoch == math.ceil(kept / 8)
     in_order, total = Counter(), Counter()
     for seq, ld in runs:
         in_order.update(ld.bad_in_order.as_dict())
         total.update(ld.counters.as_dict())
         assert all(len(ks) == 4 for _, ks, *_ in seq)
+        assert ld.lost() == {"bad": lost}
     assert dict(in_order) == planted
     assert all(total[r] >= n for r, n in planted.items()) and set(total) == set(planted)
     seen = [k for seq, _ in runs for _, ks, *_ in seq for k in ks]
-    lost = planted["truncated"]
-    assert set(seen) <= set(keys) and len(set(seen)) >= len(keys) - lost
+    assert set(seen) <= set(keys) and len(set(seen)) == len(keys) - lost["size_mismatch"]
 
 
 def test_everything_corrupt_fails_with_a_clear_error(tmp_path):
     d = tmp_path / "junk"
     make_dataset(d, 4, prefix="j", per_shard=4)
-    (d / "j-000000.tar").write_bytes(b"\0garbage" * 100)
     ld = ShardLoader(LoaderConfig(sources=[SourceConfig(str(d))], batch_size=2, num_workers=0,
                                   max_replacements=3), rank=0, world_size=1)
+    (d / "j-000000.tar").write_bytes(b"\0garbage" * 100)  # after the check before step 1: goes bad mid-run
     with pytest.raises(RuntimeError, match="bad samples in a row.*unreadable_shard"):
         next(iter(ld))
 
@@ -322,13 +323,15 @@ def test_mixed_split_shards_are_filtered_by_sample(tmp_path):
     shutil.rmtree(tmp_path / "m")
 
 
-def test_a_missing_shard_file_is_counted_not_fatal(tmp_path):
+def test_a_shard_failing_mid_run_is_counted_not_fatal(tmp_path):
     d = tmp_path / "miss"
     make_dataset(d, 12, prefix="m", per_shard=4)
-    (d / "m-000001.tar").unlink()
-    runs = _run(LoaderConfig(sources=[SourceConfig(str(d))], batch_size=3, num_workers=0), world=2)
-    assert [len(seq) for seq, _ in runs] == [2, 2]
-    assert sum(ld.bad_in_order.counts["missing_shard"] for _, ld in runs) == 4
+    loaders = [ShardLoader(LoaderConfig(sources=[SourceConfig(str(d))], batch_size=3, num_workers=0), rank=r,
+                           world_size=2) for r in range(2)]
+    (d / "m-000001.tar").unlink()  # after the check before step 1: gone mid-run
+    runs = [list(ld) for ld in loaders]
+    assert [len(seq) for seq in runs] == [2, 2]
+    assert sum(ld.bad_in_order.counts["missing_shard"] for ld in loaders) == 4
 
 
 def test_example_mix_config_parses():

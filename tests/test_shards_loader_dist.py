@@ -45,15 +45,17 @@ def tmp(tmp_path_factory):
 
 def test_epochs_cover_every_good_sample_once_despite_planted_corruption(tmp):
     keys = make_dataset(tmp / "bad", 40, prefix="g", per_shard=6)
-    planted = plant_corruption(tmp / "bad")
-    loader = {"sources": [{"path": str(tmp / "bad")}], "batch_size": 3, "num_workers": 2, "seed": 7}
+    planted, lost = plant_corruption(tmp / "bad")
+    loader = {"sources": [{"path": str(tmp / "bad")}], "batch_size": 3, "num_workers": 2, "seed": 7,
+              "on_missing_shard": "skip"}
     ranks = _torchrun(tmp, "epochs", loader, epochs=2)
     spe = ranks[0]["steps_per_epoch"]
-    assert spe == -(-(40 + 5 + 4) // 6)
+    assert spe == -(-(40 - lost["size_mismatch"] + 5) // 6)  # bad shards left out before step 1, counted
+    assert all(r["state"]["lost"] == {"bad": lost} for r in ranks)
     for r in ranks:
         assert [s["step"] for s in r["steps"]] == list(range(2 * spe))  # equal step counts on both ranks
         assert all(len(s["keys"]) == 3 for s in r["steps"])
-    good = 40 - planted["truncated"]
+    good = 40 - lost["size_mismatch"]
     for epoch in range(2):
         fresh = [k for r in ranks for s in r["steps"][epoch * spe:(epoch + 1) * spe]
                  for k, rs in zip(s["keys"], s["resampled"]) if not rs]

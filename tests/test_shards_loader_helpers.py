@@ -148,17 +148,19 @@ def _add_shard_to_manifest(out_dir: Path, name: str, n: int) -> None:
     path.write_text(json.dumps(manifest))
 
 
-def plant_corruption(out_dir) -> dict[str, int]:
-    """Add broken shards to a dataset written by make_dataset; returns the bad samples per expected reason.
+def plant_corruption(out_dir) -> tuple[dict[str, int], dict[str, int]]:
+    """Add broken shards to a dataset written by make_dataset; returns ``(bad, lost)``: the bad samples per reason
+    met at read time, and the samples per reason the loader's check before step 1 leaves out (with
+    ``on_missing_shard: skip``; the default refuses the set).
 
     One hand-made shard holds one sample of each content fault, a second shard is garbage bytes, and the last good
     shard of the dataset is truncated in the middle.
     """
     from medfm.shards.sample import encode_meta
-    from medfm.shards.stream import index_tar
 
     out_dir = Path(out_dir)
     bad: dict[str, int] = {}
+    lost: dict[str, int] = {}
 
     def meta(key, mods, **extra):
         return encode_meta(make_meta(patient_id="p" + key, study_id="s" + key, split="train",
@@ -189,12 +191,12 @@ def plant_corruption(out_dir) -> dict[str, int]:
 
     (out_dir / "zjunk-000000.tar").write_bytes(np.random.default_rng(0).bytes(5000))
     _add_shard_to_manifest(out_dir, "zjunk-000000.tar", 4)
-    bad["unreadable_shard"] = 4
+    lost["unreadable_shard"] = 4
 
     manifest = json.loads((out_dir / "manifest.json").read_text())
     victim = next(s for s in manifest["shards"] if s["samples"] >= 4 and not s["name"].startswith("z"))
     path = out_dir / victim["name"]
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2 + 100])
-    bad["truncated"] = victim["samples"] - len(index_tar(str(path)).samples)
-    return bad
+    lost["size_mismatch"] = victim["samples"]
+    return bad, lost

@@ -22,7 +22,8 @@ class DeviceStrictModel(nn.Module):
     def __init__(self):
         super().__init__()
         self.proj = nn.Linear(4, 4, device="meta")
-        self.towers = {"text": SimpleNamespace(cfg=SimpleNamespace(max_length=16, tokenizer=None, path=None))}
+        self.towers = {"text": SimpleNamespace(cfg=SimpleNamespace(max_length=16, tokenizer=None, path=None),
+                                               hf_config=SimpleNamespace(vocab_size=512))}
 
     def embed(self, modality, batch):
         dev = model_device(self)

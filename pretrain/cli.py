@@ -19,6 +19,9 @@ def _pretrain(args) -> int:
     from medfm.pretrain.train import run
 
     result = run(cfg)
+    if result.status == "preempted":  # checkpoint written, nothing lost: not a failure (see pretrain/preemption.py)
+        print(f"medfm pretrain: {result.message}", file=sys.stderr)
+        return 0
     if result.status != "finished":
         print(f"medfm pretrain: {result.message}", file=sys.stderr)
         return 1

@@ -25,6 +25,7 @@ from medfm.pretrain.checkpoint import CheckpointManager, git_commit, rng_state, 
 from medfm.pretrain.config import RunConfig
 from medfm.pretrain.engine import Engine, init_distributed, setup_environment
 from medfm.pretrain.faults import FaultInjector
+from medfm.pretrain.preemption import Preemption
 from medfm.pretrain.step_flops import analytic_covers, analytic_micro_step_flops
 from medfm.pretrain.tracking import Tracker, flatten
 from medfm.schema import ConfigError, to_dict
@@ -206,6 +207,8 @@ def run(cfg: RunConfig) -> RunResult:
         ckpt.save(engine, step, client_state(step))
         faults.after_checkpoint(step)
 
+    preempt = Preemption(run_dir, rank)  # SIGUSR1 / SIGTERM -> checkpoint at the next step boundary, stop
+
     step = start
     try:
         while step < t.steps:
@@ -286,6 +289,9 @@ def run(cfg: RunConfig) -> RunResult:
                 save(step)
             if hook is not None and step % cfg.eval.every == 0:
                 hook(engine.module.model, step, run_dir)
+            if preempt.stop_requested():  # every rank, every step: all stop after the same step
+                result.status, result.message = "preempted", preempt.checkpoint_and_stop(step, save, ckpt.latest())
+                break
         else:
             if cfg.checkpoint.final and ckpt.latest() != f"step{step}":
                 save(step)

@@ -5,9 +5,7 @@ The cluster is launch/slurm_local.sh's (munged, slurmctld, slurmd from Debian's 
 it (a cluster someone brought up with ``make slurm-up`` stays up). Missing packages or a cluster that does not start
 fail the test with the script's one-line reason: never a skip (CI installs the packages, see .ci/run).
 
-Use from a test module::
-
-    from slurm_cluster import Job, slurm_cluster  # noqa: F401  (pytest finds the fixture by name)
+tests/conftest.py imports the fixture, so any test can name it::
 
     def test_x(slurm_cluster):
         job = slurm_cluster.submit(script)

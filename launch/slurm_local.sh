@@ -127,15 +127,16 @@ cmd_up() {
     # munged as the munge user; it daemonises and writes its pid file.
     runuser -u munge -- munged --socket="$DIR/munge/munge.socket" --key-file="$DIR/munge/munge.key" \
         --pid-file="$DIR/munge/munged.pid" --log-file="$DIR/munge/munged.log" --seed-file="$DIR/munge/munged.seed" \
-        || die "munged failed to start (log: $DIR/munge/munged.log)"
+        </dev/null >>"$DIR/log/daemons.out" 2>&1 9>&- || die "munged failed to start (log: $DIR/munge/munged.log)"
     for i in $(seq 50); do [ -s "$DIR/munge/munged.pid" ] && break; sleep 0.1; done
     cp "$DIR/munge/munged.pid" "$DIR/munged.pid"
     write_conf
     if [ ! -e "$ETC_CONF" ] && [ -d "$(dirname "$ETC_CONF")" ]; then ln -s "$CONF" "$ETC_CONF"; fi
     # -c: no state from an earlier cluster in this directory (its jobs are gone).
-    slurmctld -c -f "$CONF" || die "slurmctld failed to start (log: $DIR/log/slurmctld.log)"
+    # (daemons get no stdio of ours: a caller reading our output to EOF must not wait for them to exit)
+    slurmctld -c -f "$CONF" </dev/null >>"$DIR/log/daemons.out" 2>&1 9>&- || die "slurmctld failed to start (log: $DIR/log/slurmctld.log)"
     for i in $(seq 100); do scontrol ping >/dev/null 2>&1 && break; sleep 0.1; done
-    slurmd -f "$CONF" || die "slurmd failed to start (log: $DIR/log/slurmd.log)"
+    slurmd -f "$CONF" </dev/null >>"$DIR/log/daemons.out" 2>&1 9>&- || die "slurmd failed to start (log: $DIR/log/slurmd.log)"
     for i in $(seq 150); do
         if cmd_status; then say "up: $(sinfo -h -o '%P %D node(s) %c CPUs %m MB %T') ($DIR)"; echo "export SLURM_CONF=$CONF"; return 0; fi
         sleep 0.2
@@ -155,6 +156,9 @@ cmd_down() {
     if [ -L "$ETC_CONF" ] && [ "$(readlink "$ETC_CONF")" = "$CONF" ]; then rm -f "$ETC_CONF"; fi
     say "down ($DIR)"
 }
+
+# One up/down at a time (several test sessions may ask for the cluster at once).
+if [ "${1:-}" = up ] || [ "${1:-}" = down ]; then exec 9>"$DIR.lock"; flock -w 120 9 || die "another up/down holds $DIR.lock"; fi
 
 case "${1:-}" in
     install) cmd_install ;;

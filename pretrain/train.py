@@ -33,7 +33,7 @@ from medfm.schema import ConfigError, to_dict
 
 @dataclass
 class RunResult:
-    status: str  # "finished" | "nan_stop"
+    status: str  # "finished" | "nan_stop" | "preempted" (signal: checkpoint written, see preemption.py)
     step: int  # optimizer steps completed (incl. skipped ones)
     losses: list[dict] = field(default_factory=list)  # per step, rank-mean losses
     skipped: int = 0
@@ -303,5 +303,6 @@ def run(cfg: RunConfig) -> RunResult:
     result.run_id = tracker.run_id
     if result.status == "nan_stop" and rank == 0:
         print(f"medfm pretrain: {result.message}", file=sys.stderr)
-    tracker.finish("FINISHED" if result.status == "finished" else "FAILED", artifacts=(run_dir / "config.yaml",))
+    tracker.finish({"finished": "FINISHED", "preempted": "KILLED"}.get(result.status, "FAILED"),
+                   artifacts=(run_dir / "config.yaml",))
     return result

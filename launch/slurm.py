@@ -4,6 +4,12 @@ The rendezvous store lives on the first node of the allocation (``scontrol show 
 same resolved config (``runs/<name>/config.yaml``, written before the script), with the same environment rules as a
 local launch (OMP threads = the task's CPUs / processes per node; DeepSpeed's CPU accelerator when a node has no
 GPU). Elastic restarts work as locally: ``--max-restarts`` is passed to every agent.
+
+CPU nodes (``--gpus-per-node 0``, the default) ask for ``--cpus-per-task``, never GPUs. The log directory exists
+before submission (SLURM opens ``--output`` before the script runs). Preemption and time limits: the script asks for
+SIGUSR1 ``--signal-lead`` seconds before the limit and is requeue-able; it passes the signal to the step, the workers
+checkpoint at the next step boundary (medfm.pretrain.preemption), and on their marker the script requeues the job,
+which resumes from that checkpoint. See docs/notes/launch.md.
 """
 
 from __future__ import annotations

@@ -29,6 +29,12 @@ missing_bins() {
     echo "${out[*]}"
 }
 
+lock() {  # one up/down at a time (several test sessions may ask for the cluster at once); daemons get 9>&-
+    command -v flock >/dev/null 2>&1 || return 0
+    exec 9>"$DIR.lock"
+    flock -w 120 9 || die "another up/down still holds $DIR.lock after 120 s"
+}
+
 alive() {  # alive PIDFILE
     [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
 }
@@ -114,6 +120,7 @@ cmd_up() {
     miss=$(missing_bins)
     [ -z "$miss" ] || die "SLURM packages missing ($miss): run 'launch/slurm_local.sh install' as root (apt-get install ${PKGS[*]})"
     [ "$(id -u)" = 0 ] || die "starting slurmd/munged needs root"
+    lock
     if cmd_status; then say "already up ($DIR)"; echo "export SLURM_CONF=$CONF"; return 0; fi
     # A half-started cluster of ours (some daemon died): stop what is left, then start fresh.
     stop_pid "$DIR/slurmd.pid" slurmd; stop_pid "$DIR/slurmctld.pid" slurmctld; stop_pid "$DIR/munged.pid" munged
@@ -146,6 +153,8 @@ cmd_up() {
 
 cmd_down() {
     local i
+    [ "$(id -u)" = 0 ] || die "stopping the cluster's daemons needs root"
+    lock
     if alive "$DIR/slurmctld.pid"; then
         scancel --quiet --full --user=root 2>/dev/null || true
         for i in $(seq 50); do [ -z "$(squeue -h -o %i 2>/dev/null)" ] && break; sleep 0.2; done
@@ -156,9 +165,6 @@ cmd_down() {
     if [ -L "$ETC_CONF" ] && [ "$(readlink "$ETC_CONF")" = "$CONF" ]; then rm -f "$ETC_CONF"; fi
     say "down ($DIR)"
 }
-
-# One up/down at a time (several test sessions may ask for the cluster at once).
-if [ "${1:-}" = up ] || [ "${1:-}" = down ]; then exec 9>"$DIR.lock"; flock -w 120 9 || die "another up/down holds $DIR.lock"; fi
 
 case "${1:-}" in
     install) cmd_install ;;

@@ -270,14 +270,14 @@ def preempted(slurm_cluster, tmp_path_factory, tiny_shards, reference):
 
     job.wait(lambda i: steps_logged() >= 3 or i["JobState"] in ("COMPLETED", "FAILED"), JOB_TIMEOUT, poll=0.2)
     signalled_at = steps_logged()
-    from slurm_cluster import run
+    from slurm_cluster import FINISHED, run
 
     run("scancel", "--signal=USR1", "--batch", job.id)
     # (requeued jobs wait SLURM's requeue delay, ~2 min, before they may start: release them at once)
-    job.wait(lambda i: i["Restarts"] == "1" and i["JobState"] == "PENDING" or i["JobState"] == "COMPLETED",
+    job.wait(lambda i: i["Restarts"] == "1" and i["JobState"] == "PENDING" or i["JobState"] in FINISHED,
              JOB_TIMEOUT)
     job.start_now(TimeLimit="1")
-    job.wait(lambda i: i["Restarts"] == "2" and i["JobState"] == "PENDING" or i["JobState"] == "COMPLETED",
+    job.wait(lambda i: i["Restarts"] == "2" and i["JobState"] == "PENDING" or i["JobState"] in FINISHED,
              JOB_TIMEOUT)
     job.start_now(TimeLimit="10")
     info = job.wait_finished(JOB_TIMEOUT)

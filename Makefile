@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONSTRAINTS := .ci/constraints.txt
 
-.PHONY: venv demo test test-fast lint clean peers
+.PHONY: venv demo test test-fast lint clean peers slurm-up slurm-down
 
 $(STAMP): setup.py $(CONSTRAINTS)
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -41,6 +41,15 @@ test-fast: $(STAMP) $(PEERS_STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# A one-node SLURM cluster on this machine (root; Debian's slurmd/slurmctld/munge, state in /tmp/medfm-slurm):
+# `make slurm-up`, then `export SLURM_CONF=/tmp/medfm-slurm/slurm.conf` if /etc/slurm/slurm.conf was taken.
+slurm-up:
+	launch/slurm_local.sh install
+	launch/slurm_local.sh up
+
+slurm-down:
+	launch/slurm_local.sh down
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -51,8 +51,13 @@ def add_cli(subparsers) -> None:
     p.add_argument("--dry-run", action="store_true", help="print resolved config, world, DeepSpeed config and "
                                                          "memory estimate; start nothing")
     p.add_argument("--slurm", metavar="OUT.sbatch", default=None, help="write a SLURM batch script instead of running")
-    p.add_argument("--gpus-per-node", type=int, default=None,
-                   help="with --slurm: GPUs to request per node (default: --nproc-per-node; 0 = CPU nodes)")
+    p.add_argument("--gpus-per-node", type=int, default=0,
+                   help="with --slurm: GPUs to request per node (0 = CPU nodes: --cpus-per-task instead)")
+    p.add_argument("--cpus-per-task", type=int, default=None,
+                   help="with --slurm: CPUs per node's task (default on CPU nodes: one per process)")
+    p.add_argument("--signal-lead", type=int, default=None, metavar="SECONDS",
+                   help="with --slurm: SIGUSR1 this long before the time limit -> checkpoint and requeue "
+                        "(default 180; 0 = none)")
     p.add_argument("--sbatch", action="append", default=[], metavar="KEY[=VALUE]",
                    help="with --slurm: extra #SBATCH option, e.g. --sbatch partition=gpu --sbatch time=24:00:00")
     p.set_defaults(func=_launch)

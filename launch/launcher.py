@@ -92,19 +92,15 @@ def launch(args) -> int:
     run_dir = Path(cfg.run_dir)
     config_path = (run_dir / "config.yaml").resolve()
     if args.slurm:
-        from medfm.launch.slurm import parse_sbatch_options, render_sbatch
+        from medfm.launch.slurm import write_script
 
-        options = parse_sbatch_options(args.sbatch)
-        gpus = args.gpus_per_node if args.gpus_per_node is not None else world.nproc_per_node
-        text = render_sbatch(world, config_path, cfg.name, run_dir.resolve(), sys.executable, Path.cwd(),
-                             gpus or None, options)
-        write_resolved(cfg, run_dir)
-        out = Path(args.slurm)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        out.chmod(0o755)
-        print(f"wrote {out} ({world.node_range[1]} node(s) x {world.nproc_per_node} per node); "
-              f"submit with: sbatch {out}")
+        text = write_script(args.slurm, world, cfg, config_path, args.gpus_per_node, args.cpus_per_task,
+                            args.signal_lead, args.sbatch, dry_run=args.dry_run)
+        if args.dry_run:  # exactly the script a run without --dry-run writes (nothing is written)
+            print(dry_run_text(cfg, world, ["sbatch", args.slurm], {}) + f"\n\n== {args.slurm} ==\n{text}")
+            return 0
+        print(f"wrote {args.slurm} ({world.node_range[1]} node(s) x {world.nproc_per_node} per node); "
+              f"submit with: sbatch {args.slurm}")
         return 0
     env = worker_env(world, cuda=has_cuda())
     argv = torchrun_argv(world, config_path, cfg.name, (run_dir / "logs").resolve())

@@ -54,6 +54,9 @@ def init_process_group() -> None:
 
 
 def main(argv=None) -> int:
+    from medfm.pretrain import preemption
+
+    preemption.install()  # first thing: SLURM's SIGUSR1 / SIGTERM from now on mean "checkpoint and stop"
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         print("usage: python -m medfm.launch.worker CONFIG [key=value ...]", file=sys.stderr)

@@ -24,6 +24,9 @@ def _pretrain(args) -> int:
     except ShardCheckError as exc:  # the data check found a bad shard: the work's finding, exit 1, one line
         print(f"medfm pretrain: {exc}", file=sys.stderr)
         return 1
+    if result.status == "preempted":  # checkpoint written, nothing lost: not a failure (see pretrain/preemption.py)
+        print(f"medfm pretrain: {result.message}", file=sys.stderr)
+        return 0
     if result.status != "finished":
         print(f"medfm pretrain: {result.message}", file=sys.stderr)
         return 1

@@ -28,6 +28,7 @@ from medfm.pretrain.engine import Engine, init_distributed, setup_environment
 from medfm.pretrain.faults import FaultInjector
 from medfm.pretrain.peak_flops import measure_peak_flops, mfu_metrics, mfu_peak  # noqa: F401 (re-export)
 from medfm.pretrain.resume_config import apply_changes, resume_changes, saved_config
+from medfm.pretrain.preemption import Preemption
 from medfm.pretrain.step_flops import analytic_covers, analytic_micro_step_flops
 from medfm.pretrain.tracking import Tracker, flatten
 from medfm.schema import ConfigError, to_dict
@@ -35,7 +36,7 @@ from medfm.schema import ConfigError, to_dict
 
 @dataclass
 class RunResult:
-    status: str  # "finished" | "nan_stop"
+    status: str  # "finished" | "nan_stop" | "preempted" (signal: checkpoint written, see preemption.py)
     step: int  # optimizer steps completed (incl. skipped ones)
     losses: list[dict] = field(default_factory=list)  # per step, rank-mean losses
     skipped: int = 0
@@ -195,6 +196,8 @@ def run(cfg: RunConfig) -> RunResult:
         ckpt.save(engine, step, client_state(step))
         faults.after_checkpoint(step)
 
+    preempt = Preemption(run_dir, rank)  # SIGUSR1 / SIGTERM -> checkpoint at the next step boundary, stop
+
     step = start
     try:
         while step < t.steps:
@@ -272,6 +275,9 @@ def run(cfg: RunConfig) -> RunResult:
                 save(step)
             if hook is not None and step % cfg.eval.every == 0:
                 hook(engine.module.model, step, run_dir)
+            if preempt.stop_requested():  # every rank, every step: all stop after the same step
+                result.status, result.message = "preempted", preempt.checkpoint_and_stop(step, save, ckpt.latest())
+                break
         else:
             if cfg.checkpoint.final and ckpt.latest() != f"step{step}":
                 save(step)
@@ -287,5 +293,6 @@ def run(cfg: RunConfig) -> RunResult:
     result.run_id = tracker.run_id
     if result.status == "nan_stop" and rank == 0:
         print(f"medfm pretrain: {result.message}", file=sys.stderr)
-    tracker.finish("FINISHED" if result.status == "finished" else "FAILED", artifacts=(run_dir / "config.yaml",))
+    tracker.finish({"finished": "FINISHED", "preempted": "KILLED"}.get(result.status, "FAILED"),
+                   artifacts=(run_dir / "config.yaml",))
     return result

@@ -7,6 +7,7 @@ environment, not a reason to skip: the test fails with the package to install (a
 from __future__ import annotations
 
 import pytest
+from slurm_cluster import slurm_cluster  # noqa: F401  (a real one-node SLURM cluster, for any test that names it)
 
 from medfm.shards import realdata
 

@@ -27,8 +27,8 @@ from medfm.pretrain.data_report import announce_lost, lost_metrics, skip_metrics
 from medfm.pretrain.engine import Engine, init_distributed, setup_environment
 from medfm.pretrain.faults import FaultInjector
 from medfm.pretrain.peak_flops import measure_peak_flops, mfu_metrics, mfu_peak  # noqa: F401 (re-export)
-from medfm.pretrain.resume_config import apply_changes, resume_changes, saved_config
 from medfm.pretrain.preemption import Preemption
+from medfm.pretrain.resume_config import apply_changes, resume_changes, saved_config
 from medfm.pretrain.step_flops import analytic_covers, analytic_micro_step_flops
 from medfm.pretrain.tracking import Tracker, flatten
 from medfm.schema import ConfigError, to_dict

@@ -20,10 +20,10 @@ from pathlib import Path
 
 
 def _latest_step(ckpt_root: Path) -> int | None:
-    from medfm.pretrain.checkpoint import TAG_RE, CheckpointManager
+    from medfm.model_zoo import checkpoint_io
 
-    tag = CheckpointManager(ckpt_root, 1, 0, 1).latest()
-    return int(TAG_RE.match(tag).group(1)) if tag else None
+    tag = checkpoint_io.latest(ckpt_root)
+    return checkpoint_io.step_of(tag) if tag else None
 
 
 def init_process_group() -> None:

@@ -178,9 +178,9 @@ def run(cfg: RunConfig) -> RunResult:
     if cfg.checkpoint.resume:
         try:
             tag = ckpt.resolve(cfg.checkpoint.resume)
+            client = ckpt.load(engine, tag)  # a file that needs unpickling is refused here, one line
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        client = ckpt.load(engine, tag)
         start, samples_seen = client["step"], client["samples_seen"]
         train_flops = float(client.get("train_flops", 0.0))  # checkpoints before train_flops existed: from 0
         loader.load_state_dict(client["loader"])

@@ -193,7 +193,8 @@ def stage_pretrain(out: Path, corpus: dict, steps: int, nproc: int) -> Path:
         return run_dir
     _say(2, f"pretraining {steps} steps: MAE (image, volume, ECG) + CLIP (each with its caption) + captioning, "
             f"DeepSpeed ZeRO-3, {nproc} processes" + (f", resuming from step {done}" if done > 0 else ""))
-    _run([sys.executable, "-m", "medfm.launch.cli", "launch", str(cfg_path), "--nproc-per-node", str(nproc)],
+    resume = ["checkpoint.resume=latest"] if done > 0 else []  # a fresh launch into checkpoints is refused
+    _run([sys.executable, "-m", "medfm.launch.cli", "launch", str(cfg_path), *resume, "--nproc-per-node", str(nproc)],
          "pretraining")
     return run_dir
 

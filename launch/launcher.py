@@ -22,7 +22,14 @@ from pathlib import Path
 
 import yaml
 
-from medfm.launch.resolve import check_shards, check_world, resolve_config, resolved_yaml, write_resolved
+from medfm.launch.resolve import (
+    check_fresh_run,
+    check_shards,
+    check_world,
+    resolve_config,
+    resolved_yaml,
+    write_resolved,
+)
 from medfm.launch.world import World, has_cuda, torchrun_argv, worker_env
 from medfm.schema import ConfigError
 
@@ -32,6 +39,7 @@ def prepare(config, overrides, world: World):
     cfg = resolve_config(config, overrides)
     check_world(cfg, world.world_sizes)
     check_shards(cfg)
+    check_fresh_run(cfg)
     return cfg
 
 

@@ -28,9 +28,8 @@ def main(spec_path: str) -> None:
     cfg = from_dict(RunConfig, spec["minilm"])
     engine = Engine(cfg, rank, world)
     tower = engine.module.model.towers["text"]
-    report["minilm_partitioned"] = all(p.numel() == 0 or p.ds_numel > p.numel()
-                                       for p in tower.parameters() if hasattr(p, "ds_id"))
-    report["minilm_local_numel"] = sum(p.numel() for p in tower.parameters())
+    report["minilm_partitioned"] = all(hasattr(p, "ds_id") for p in tower.parameters())
+    report["minilm_local_numel"] = sum(p.ds_tensor.numel() for p in tower.parameters())  # this rank's share
     report["minilm_full_numel"] = sum(p.ds_numel for p in tower.parameters())
     batch = tower.tokenize(["chest x-ray: no acute cardiopulmonary process", "small left pleural effusion"])
     engine.module.eval()

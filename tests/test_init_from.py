@@ -131,6 +131,7 @@ def test_zero3_minilm_from_package_and_release_continued_exactly(tmp_path):
     assert "pretrained weights cannot be loaded" not in proc.stderr
     for r in range(2):
         rep = json.loads((tmp_path / f"report.rank{r}.json").read_text())
+        assert rep["minilm_partitioned"], rep
         assert 0.45 <= rep["minilm_local_numel"] / rep["minilm_full_numel"] <= 0.55, rep  # really partitioned
         assert rep["minilm_weights_compared"] > 90 and rep["minilm_weight_max_diff"] == 0.0, rep
         assert rep["minilm_max_diff"] < 1e-5, rep

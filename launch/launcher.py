@@ -60,6 +60,19 @@ def dry_run_text(cfg, world: World, argv: list[str], env: dict) -> str:
     return "\n\n".join(f"== {title} ==\n{body}" for title, body in sections)
 
 
+def dry_run_verdict(cfg, world: World) -> int:
+    """What a real start checks (launch/preflight.py): 0 when nothing is wrong, else each problem on stderr, exit 2."""
+    from medfm.launch.preflight import run_preflight
+
+    problems = run_preflight(cfg, world)
+    for p in problems:
+        print(f"medfm: error: {p}", file=sys.stderr)
+    if not problems:
+        print("preflight: model instantiated on meta; objectives, sources, tokenizer, one real batch and memory "
+              "checked: ok")
+    return 2 if problems else 0
+
+
 def _record(run_dir: Path, world: World, argv: list[str], env: dict) -> None:
     """Append this node's launch to runs/<name>/launches.jsonl (one O_APPEND write per line, so the agents of a
     multi-node run sharing the directory never overwrite each other)."""
@@ -118,7 +131,7 @@ def launch(args) -> int:
     argv = torchrun_argv(world, config_path, cfg.name, (run_dir / "logs").resolve())
     if args.dry_run:
         print(dry_run_text(cfg, world, argv, env))
-        return 0
+        return dry_run_verdict(cfg, world)
     write_resolved(cfg, run_dir)
     _record(run_dir, world, argv, env)
     print(f"medfm launch: {cfg.name}: {world.describe().splitlines()[0]}; run dir {run_dir}", file=sys.stderr,

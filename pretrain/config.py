@@ -76,6 +76,7 @@ class ZeroConfig:
     # weights (text_minilm, model.init_from) are filled module by module into the partitions (model_zoo.init_from).
     zero_init: bool = True
     overlap_comm: bool = False  # comm on a side stream: a GPU option (CPU/gloo: no gain, docs/notes/pretrain.md)
+    device_memory_gib: float = 0.0  # memory of one device; `medfm launch --dry-run` checks the estimate (0 = unknown)
 
 
 @dataclass

@@ -100,7 +100,7 @@ def _vocab_problems(cfg, module, batch) -> list[str]:
     return problems
 
 
-def _forward_problems(module, batch) -> list[str]:
+def _forward_problems(module, batch, objective_names) -> list[str]:
     """Each tower's forward (and its MAE and caption paths) on meta with the batch's real shapes: a tower that
     cannot take them fails here as it would at step one. (The losses are not run: they read scalars.)"""
     import torch
@@ -115,7 +115,7 @@ def _forward_problems(module, batch) -> list[str]:
         paths = [("encode", lambda m=m: model.encode(m, meta))]
         if m in model.mae_decoders:
             paths.append(("mae", lambda m=m: model.mae(m, meta, mask_ratio=0.75)))
-        if getattr(model, "caption_decoder", None) is not None and m != "text" and "text_ids" in meta:
+        if f"caption:{m}" in objective_names and "text_ids" in meta:
             paths.append(("caption", lambda m=m: model.caption_logits(m, meta)))
         for what, fn in paths:
             try:
@@ -130,6 +130,7 @@ def _forward_problems(module, batch) -> list[str]:
                 keys = {k: v for k, v in shapes.items() if k == m or k.startswith(f"{m}_")}
                 problems.append(f"data.collate: the {m} tower's {what} cannot take a batch of shapes {keys} "
                                 f"({first})")
+                break  # one line per tower: its other paths fail for the same reason
     return problems
 
 
@@ -164,6 +165,6 @@ def run_preflight(cfg, world) -> list[str]:
     except (ValueError, OSError, KeyError) as exc:
         return [*problems, f"data: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"]
     problems += _vocab_problems(cfg, module, batch)
-    problems += _forward_problems(module, batch)
+    problems += _forward_problems(module, batch, {o.name for o in cfg.objectives})
     problems += _memory_problems(cfg, count_model(cfg), world)
     return problems

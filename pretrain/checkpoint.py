@@ -138,9 +138,10 @@ class CheckpointManager:
         path = self.root / tag
         done = layout.read_complete(self.root, tag)
         if engine.strategy == "zero3":
-            if done["world_size"] != self.world_size:
-                raise ValueError(f"checkpoint {path}: ZeRO-3 partitions of world size {done['world_size']} cannot "
-                                 f"resume in world size {self.world_size}; consolidate it first")
+            if done["world_size"] != self.world_size:  # re-partitioned through a universal checkpoint
+                from medfm.pretrain.reshard import load_other_world
+
+                return load_other_world(engine, self.root, tag, done["world_size"], self.rank)
             # DeepSpeed's own engine unpickles (weights_only=False); every file goes through checkpoint_io instead
             engine.ds.checkpoint_engine = layout.weights_only_checkpoint_engine(engine.ds._config)
             with layout.weights_only_loads():  # torch.load calls outside the engine (stage-3 optimizer, universal)

@@ -25,6 +25,7 @@ from medfm.pretrain.checkpoint import CheckpointManager, git_commit, rng_state, 
 from medfm.pretrain.config import RunConfig
 from medfm.pretrain.engine import Engine, init_distributed, setup_environment
 from medfm.pretrain.faults import FaultInjector
+from medfm.pretrain.reshard import keep_global_batch
 from medfm.pretrain.step_flops import analytic_covers, analytic_micro_step_flops
 from medfm.pretrain.tracking import Tracker, flatten
 from medfm.schema import ConfigError, to_dict
@@ -155,6 +156,7 @@ def run(cfg: RunConfig) -> RunResult:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     t = cfg.train
+    keep_global_batch(cfg, world)  # a ZeRO-3 resume at another world size keeps the global batch sequence
     t.check_world(world)
     run_dir = Path(cfg.run_dir)
     earlier = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint.keep, rank, world).complete_tags()

@@ -41,6 +41,9 @@ def convert(root: Path, tag: str) -> Path:
                               num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
     with layout.weights_only_loads():
         ds_to_universal.main(args)
+    stray = Path(root) / "latest_universal"  # ds_to_universal's own pointer (at the temporary name): not ours
+    if stray.is_file() and stray.read_text().strip() == tmp.name:
+        stray.unlink()
     (tmp / layout.COMPLETE).write_text((Path(root) / tag / layout.COMPLETE).read_text())
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)

@@ -24,6 +24,31 @@ STEPS = 16
 TIMEOUT = 480
 
 
+def _tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (torchrun agents start their workers in process groups of their own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def _kill_tree(pid: int) -> None:
+    for p in reversed(_tree(pid)):
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -54,14 +79,14 @@ def test_one_node_killed_run_finishes_on_the_other(tmp_path):
         while not first.is_file():
             assert time.time() < deadline and node0.poll() is None, "no first checkpoint"
             time.sleep(0.1)
-        os.killpg(node1.pid, signal.SIGKILL)  # the whole "node": agent and worker
+        _kill_tree(node1.pid)  # the whole "node": launch, torchrun agent and worker
         out = node0.communicate(timeout=max(1, deadline - time.time()))[0]
     except subprocess.TimeoutExpired:
         pytest.fail("the remaining node did not finish")
     finally:
         for p in (node0, node1):
             if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
+                _kill_tree(p.pid)
     assert node0.returncode == 0, out[-6000:]
     done = json.loads((run_dir / "checkpoints" / f"step{STEPS}" / "COMPLETE").read_text())
     assert done["world_size"] == 1, done

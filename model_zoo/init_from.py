@@ -91,6 +91,11 @@ def _release_source(root: Path, where: str) -> WeightSource:
         src.index.update(text.index)
         main_read, text_read = src.read, text.read
         src.read = lambda k: text_read(k) if k.startswith(TEXT_PREFIX) and k in text.index else main_read(k)
+    tied = {a: t for a, t in meta["weights"].get("tied", {}).items() if t in src.index and a not in src.index}
+    if tied:  # a release stores a tied tensor once; its aliases read the stored one
+        src.index.update({a: src.index[t] for a, t in tied.items()})
+        stored = src.read
+        src.read = lambda k: stored(tied.get(k, k))
     return src
 
 
@@ -178,6 +183,7 @@ def plan(module: nn.Module, source: WeightSource, target: str, prefix_hint: str 
     InitFromError naming the key."""
     names = {n: _shape(p) for _, own in _params(module) for n, p in own}
     buffers = {n for n, _ in module.named_buffers()}
+    buffers |= {n for n, _ in module.named_parameters(remove_duplicate=False)} - set(names)  # tied aliases
     strips = ["", "model.", *([prefix_hint, "model." + prefix_hint] if prefix_hint else []), *source.base_prefixes]
     best, best_hits = ("", ""), -1
     for strip in dict.fromkeys(strips):
@@ -197,7 +203,7 @@ def plan(module: nn.Module, source: WeightSource, target: str, prefix_hint: str 
                 raise InitFromError(f"{source.where}: tensor '{k}' has shape {list(shape)}, {target}.{t} expects "
                                     f"{list(names[t])}")
             mapping[t] = k
-        elif t not in buffers and k.startswith(strip):  # (other towers' tensors are not unexpected)
+        elif t not in buffers and k.startswith(strip):  # (other towers' tensors, buffers, aliases: expected)
             report.unexpected.append(k)
     report.missing = [n for n in names if n not in mapping]
     report.loaded = len(mapping)

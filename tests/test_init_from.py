@@ -54,6 +54,19 @@ def test_whole_model_from_safetensors_and_checkpoint_style_prefix(tmp_path):
         assert len(lines) == 1 and "missing 0" in lines[0] and "unexpected 0" in lines[0]
 
 
+def test_whole_model_from_a_release_with_tied_weights(tmp_path):
+    from medfm.model_zoo.zoo import Zoo
+
+    cap = {"caption": {"enabled": True, "width": 16, "depth": 1, "num_heads": 2, "max_len": 16}}
+    src = _build(8, **cap)
+    dest = Zoo(tmp_path / "zoo").publish(src, "cap:1", card="test")
+    assert json.loads((dest / "config.json").read_text())["weights"]["tied"]  # the case under test
+    dst = _build(9, **cap)
+    [rep] = apply_init_from(dst, _model_cfg(init_from=str(dest), **cap))
+    assert rep.missing == [] and rep.unexpected == []
+    assert _same(dst.state_dict(), src.state_dict(), list(src.state_dict()))
+
+
 def test_tower_from_release_name_version_and_hf_directory(tmp_path):
     from medfm.model_zoo.zoo import Zoo
 

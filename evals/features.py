@@ -45,10 +45,9 @@ def weights_hash(model) -> str:
 
 def _strip_prefix(sd: dict) -> dict:
     """Accept a PretrainModule state dict (``model.`` keys plus objective parameters) as well as a bare model's."""
-    if sd and all(k.startswith("model.") or not k.startswith(("towers.", "heads.")) for k in sd) and any(
-            k.startswith("model.towers.") for k in sd):
-        return {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
-    return sd
+    from medfm.model_zoo.checkpoint_io import has_model_prefix, model_state_dict
+
+    return model_state_dict(sd) if has_model_prefix(sd) else sd
 
 
 def _build_and_fill(model_cfg: dict, sd: dict, where: str):
@@ -73,32 +72,24 @@ def _build_and_fill(model_cfg: dict, sd: dict, where: str):
 
 
 def _load_checkpoint(path: Path):
-    from medfm.model_zoo.checkpoint_io import consolidate
+    from medfm.model_zoo.checkpoint_io import find_checkpoint, read_checkpoint
 
-    if (path / "COMPLETE").is_file():
-        root, tag = path.parent, path.name
-    else:
-        root, tag = path, None
     try:
-        full = consolidate(root, tag)
+        weights, client, tag = read_checkpoint(path)
     except (ValueError, FileNotFoundError) as exc:
         raise ModelSourceError(f"{path}: cannot consolidate checkpoint ({exc})") from None
-    tag = tag or (root / "latest").read_text().strip()
-    client = root / tag / "client" / "rank0.json"
-    if not client.is_file():
-        raise ModelSourceError(f"{root / tag}: no client/rank0.json (the run config that describes the model)")
-    cfg = json.loads(client.read_text()).get("config", {}).get("model")
+    cfg = client.get("config", {}).get("model")
     if not cfg:
-        raise ModelSourceError(f"{client}: client state has no config.model")
-    model = _build_and_fill(cfg, full, str(root / tag))
+        raise ModelSourceError(f"{path} ({tag}): client state has no config.model")
+    model = _build_and_fill(cfg, weights, str(find_checkpoint(path)[0] / tag))
     if "text" in model.towers:  # the same decision pretrain's build_data made, from the saved run config
         from medfm.model_zoo.tokenizers import TokenizerError, spec_from_run_config
 
         try:
-            model.text_tokenizer_spec = spec_from_run_config(model.towers["text"], json.loads(client.read_text())
-                                                             .get("config", {}))
+            model.text_tokenizer_spec = spec_from_run_config(model.towers["text"], client.get("config", {}))
         except TokenizerError as exc:
-            raise ModelSourceError(f"{client}: the text tower's tokenizer cannot be reconstructed ({exc})") from None
+            raise ModelSourceError(f"{path} ({tag}): the text tower's tokenizer cannot be reconstructed ({exc})") \
+                from None
     return model
 
 
@@ -122,15 +113,15 @@ def _load_state_dict_file(path: Path):
 
 def load_model(source) -> tuple[object, str, str]:
     """(model in eval mode, weights hash, kind) from a checkpoint dir, a state-dict file or a release/zoo name."""
+    from medfm.model_zoo.checkpoint_io import is_checkpoint
+
     path = Path(str(source))
     if path.is_file():
         if path.suffix != ".safetensors":
             raise ModelSourceError(f"{path}: a state dict must be .safetensors (pickled weights are never loaded)")
         model, kind = _load_state_dict_file(path), "state_dict"
-    elif path.is_dir() and ((path / "latest").is_file() or (path / "COMPLETE").is_file()):
+    elif is_checkpoint(path):
         model, kind = _load_checkpoint(path), "checkpoint"
-    elif path.is_dir() and (path / "checkpoints" / "latest").is_file():
-        model, kind = _load_checkpoint(path / "checkpoints"), "checkpoint"
     else:
         try:
             from medfm.model_zoo import load

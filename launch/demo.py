@@ -161,11 +161,14 @@ def pretrain_config(corpus: dict, run_dir: Path, steps: int) -> dict:
 
 
 def _finished_step(run_dir: Path) -> int:
-    latest = run_dir / "checkpoints" / "latest"
-    if not latest.is_file():
+    from medfm.model_zoo import checkpoint_io
+
+    root = run_dir / "checkpoints"
+    tag = checkpoint_io.latest(root)
+    try:
+        return checkpoint_io.read_client(root, tag).get("step", -1) if tag else -1
+    except ValueError:
         return -1
-    client = run_dir / "checkpoints" / latest.read_text().strip() / "client" / "rank0.json"
-    return json.loads(client.read_text()).get("step", -1) if client.is_file() else -1
 
 
 def _run(cmd: list[str], what: str, ok=(0,)) -> None:
@@ -190,7 +193,8 @@ def stage_pretrain(out: Path, corpus: dict, steps: int, nproc: int) -> Path:
         return run_dir
     _say(2, f"pretraining {steps} steps: MAE (image, volume, ECG) + CLIP (each with its caption) + captioning, "
             f"DeepSpeed ZeRO-3, {nproc} processes" + (f", resuming from step {done}" if done > 0 else ""))
-    _run([sys.executable, "-m", "medfm.launch.cli", "launch", str(cfg_path), "--nproc-per-node", str(nproc)],
+    resume = ["checkpoint.resume=latest"] if done > 0 else []  # a fresh launch into checkpoints is refused
+    _run([sys.executable, "-m", "medfm.launch.cli", "launch", str(cfg_path), *resume, "--nproc-per-node", str(nproc)],
          "pretraining")
     return run_dir
 
@@ -238,13 +242,15 @@ def random_init_weights(cfg: dict, path: Path, seed: int = 0) -> Path:
 
 
 def stage_eval(out: Path, corpus: dict, run_dir: Path) -> tuple[Path, Path]:
+    from medfm.model_zoo import checkpoint_io
+
     suite = eval_suite(corpus, out)
     cfg = yaml.safe_load((out / "pretrain.yaml").read_text())
     reports = {}
     for label, source in (("pretrained", run_dir / "checkpoints"), ("random_init", None)):
         dest = out / "eval" / label
         stamp = dest / "report.json"
-        ckpt_mtime = (run_dir / "checkpoints" / "latest").stat().st_mtime
+        ckpt_mtime = (run_dir / "checkpoints" / checkpoint_io.LATEST).stat().st_mtime
         if stamp.is_file() and stamp.stat().st_mtime > max(ckpt_mtime, suite.stat().st_mtime):
             _say(3, f"{label}: reusing {stamp}")
             reports[label] = stamp
@@ -267,7 +273,9 @@ def stage_release(run_dir: Path, report: Path, zoo: Path) -> Path:
     z = Zoo(zoo)
     entry = z.read_index()["models"].get(DEMO_NAME, {}).get(DEMO_VERSION)
     marker = run_dir / "released.json"
-    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    from medfm.model_zoo import checkpoint_io
+
+    latest = checkpoint_io.latest_tag(run_dir / "checkpoints")
     if entry and marker.is_file() and json.loads(marker.read_text()).get("checkpoint") == latest:
         _say(4, f"{DEMO_NAME}:{DEMO_VERSION} already released from {latest}; reusing it")
         return z.resolve(f"{DEMO_NAME}:{DEMO_VERSION}")

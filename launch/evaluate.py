@@ -21,7 +21,7 @@ import yaml
 def evaluate_run(run_dir, split: str = "val", max_batches: int = 0, seed: int = 0) -> dict:
     import torch
 
-    from medfm.pretrain.checkpoint import consolidate
+    from medfm.model_zoo.checkpoint_io import consolidate
     from medfm.pretrain.config import RunConfig
     from medfm.pretrain.engine import Engine, init_distributed, setup_environment
     from medfm.pretrain.train import build_data
@@ -37,7 +37,10 @@ def evaluate_run(run_dir, split: str = "val", max_batches: int = 0, seed: int = 
     setup_environment()
     init_distributed()
     engine = Engine(cfg, 0, 1)
-    state = consolidate(run_dir / "checkpoints")
+    try:
+        state = consolidate(run_dir / "checkpoints")
+    except ValueError as exc:  # none complete, or a file that would need unpickling (refused)
+        raise ConfigError(str(exc)) from None
     missing, unexpected = engine.module.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ConfigError(f"{run_dir}: checkpoint does not match the run's model (missing {missing[:3]}, "

@@ -22,7 +22,14 @@ from pathlib import Path
 
 import yaml
 
-from medfm.launch.resolve import check_shards, check_world, resolve_config, resolved_yaml, write_resolved
+from medfm.launch.resolve import (
+    check_fresh_run,
+    check_shards,
+    check_world,
+    resolve_config,
+    resolved_yaml,
+    write_resolved,
+)
 from medfm.launch.world import World, has_cuda, torchrun_argv, worker_env
 from medfm.schema import ConfigError
 
@@ -32,6 +39,7 @@ def prepare(config, overrides, world: World):
     cfg = resolve_config(config, overrides)
     check_world(cfg, world.world_sizes)
     check_shards(cfg)
+    check_fresh_run(cfg)
     return cfg
 
 
@@ -50,6 +58,19 @@ def dry_run_text(cfg, world: World, argv: list[str], env: dict) -> str:
     shown_env = {k: env[k] for k in ("OMP_NUM_THREADS", "DS_ACCELERATOR") if k in env}
     sections.append(("command", " ".join(argv) + "\n" + " ".join(f"{k}={v}" for k, v in shown_env.items())))
     return "\n\n".join(f"== {title} ==\n{body}" for title, body in sections)
+
+
+def dry_run_verdict(cfg, world: World) -> int:
+    """What a real start checks (launch/preflight.py): 0 when nothing is wrong, else each problem on stderr, exit 2."""
+    from medfm.launch.preflight import run_preflight
+
+    problems = run_preflight(cfg, world)
+    for p in problems:
+        print(f"medfm: error: {p}", file=sys.stderr)
+    if not problems:
+        print("preflight: model instantiated on meta; objectives, sources, tokenizer, one real batch and memory "
+              "checked: ok")
+    return 2 if problems else 0
 
 
 def _record(run_dir: Path, world: World, argv: list[str], env: dict) -> None:
@@ -106,7 +127,7 @@ def launch(args) -> int:
     argv = torchrun_argv(world, config_path, cfg.name, (run_dir / "logs").resolve())
     if args.dry_run:
         print(dry_run_text(cfg, world, argv, env))
-        return 0
+        return dry_run_verdict(cfg, world)
     write_resolved(cfg, run_dir)
     _record(run_dir, world, argv, env)
     print(f"medfm launch: {cfg.name}: {world.describe().splitlines()[0]}; run dir {run_dir}", file=sys.stderr,

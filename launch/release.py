@@ -22,26 +22,21 @@ NOT_RECORDED = "not recorded"
 
 def find_checkpoint(path: str | Path) -> tuple[Path, str]:
     """(checkpoints root, tag) from a run dir, a ``checkpoints`` dir or one ``stepN`` dir (latest when not named)."""
-    from medfm.pretrain.checkpoint import CheckpointManager
+    from medfm.model_zoo import checkpoint_io
 
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"{p}: checkpoint not found")
-    if (p / "COMPLETE").is_file():
-        return p.parent, p.name
-    root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
     try:
-        return root, CheckpointManager(root, 1, 0, 1).resolve("latest")
-    except ValueError:
-        raise ConfigError(f"{p}: no complete checkpoint (expected a run dir, its checkpoints/ or a stepN dir "
-                          "with COMPLETE)") from None
+        return checkpoint_io.find_checkpoint(path)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def read_client(root: Path, tag: str) -> dict:
-    f = root / tag / "client" / "rank0.json"
-    if not f.is_file():
-        raise ConfigError(f"{root / tag}: no client state (client/rank0.json) — not a medfm checkpoint")
-    return json.loads(f.read_text())
+    from medfm.model_zoo import checkpoint_io
+
+    try:
+        return checkpoint_io.read_client(root, tag)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def read_eval_report(path: str | Path | None) -> dict | None:
@@ -197,7 +192,10 @@ def release(checkpoint, name: str, version: str, zoo=None, eval_report=None, for
     if not force and version in zoo_obj.read_index()["models"].get(name, {}):
         raise ConfigError(f"{ref} is already in the zoo {zoo_obj.root}; pass --force to replace it")
     log(f"consolidating {root / tag} ...")
-    weights = model_state_dict(consolidate(root, tag))
+    try:
+        weights = model_state_dict(consolidate(root, tag))
+    except ValueError as exc:  # incl. a file that would need unpickling: refused, one line
+        raise ConfigError(str(exc)) from None
     mcfg = from_dict(MultiModalConfig, config["model"], "model")
     model = build_multimodal(mcfg)
     missing, unexpected = model.load_state_dict(weights, strict=False)

@@ -113,3 +113,16 @@ def write_resolved(cfg, run_dir: Path) -> Path:
     tmp.write_text(text)
     os.replace(tmp, out)
     return out
+
+
+def check_fresh_run(cfg) -> None:
+    """A launch that does not ask to resume must not start in a run directory that holds checkpoints: its workers
+    would otherwise pick them up on a restart (and interleave or prune them). The same rule as pretrain's own
+    fresh-run guard, checked before torchrun starts so no restart can bypass it."""
+    from medfm.model_zoo import checkpoint_io
+
+    root = Path(cfg.run_dir) / "checkpoints"
+    earlier = checkpoint_io.complete_tags(root)
+    if earlier and not cfg.checkpoint.resume:
+        raise ConfigError(f"run_dir {cfg.run_dir} already holds checkpoints ({', '.join(earlier[-2:])}) of an "
+                          "earlier run: pass checkpoint.resume=latest to continue it, or a new name/run_dir")

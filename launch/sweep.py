@@ -264,7 +264,10 @@ def run_sweep(path, dry_run: bool = False, only=()) -> int:
 
 
 def _run_point(sweep: SweepConfig, base: Path, ov: list[str], run_dir: Path, steps: int) -> dict:
-    cmd = [sys.executable, "-m", "medfm.launch.cli", "launch", str(base), *ov,
+    from medfm.model_zoo import checkpoint_io
+
+    resume = ["checkpoint.resume=latest"] if checkpoint_io.latest(run_dir / "checkpoints") else []  # half-trained
+    cmd = [sys.executable, "-m", "medfm.launch.cli", "launch", str(base), *ov, *resume,
            "--nproc-per-node", str(sweep.nproc_per_node), "--max-restarts", str(sweep.max_restarts)]
     timeout = sweep.timeout_s or None
     log = run_dir.parent / f"{run_dir.name}.launch.log"

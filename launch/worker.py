@@ -4,8 +4,8 @@
 
 Why a wrapper and not ``medfm pretrain`` directly: torchrun restarts the *same* command after a failure, but the
 restarted attempt must resume from the newest complete checkpoint while the first attempt of a fresh run must not
-(``checkpoint.resume=latest`` fails when there is none). The wrapper decides per attempt, then runs ``medfm pretrain``
-in this process. Resuming restores the loader state and RNG with the weights, so no sample is lost or repeated.
+(``checkpoint.resume=latest`` fails when there is none). The wrapper decides per attempt (``_restarted``), then runs ``medfm
+pretrain`` in this process. Resuming restores the loader state and RNG with the weights, so no sample is lost or repeated.
 
 Fault injection for the restart tests (``MEDFM_FAULT=MODE:STEP[:RANK[:ATTEMPT]]``, never set in normal runs) is
 pretrain's public hook (medfm.pretrain.faults, read by its training loop); the wrapper only checks the spec up front
@@ -20,10 +20,18 @@ from pathlib import Path
 
 
 def _latest_step(ckpt_root: Path) -> int | None:
-    from medfm.pretrain.checkpoint import TAG_RE, CheckpointManager
+    from medfm.model_zoo import checkpoint_io
 
-    tag = CheckpointManager(ckpt_root, 1, 0, 1).latest()
-    return int(TAG_RE.match(tag).group(1)) if tag else None
+    tag = checkpoint_io.latest(ckpt_root)
+    return checkpoint_io.step_of(tag) if tag else None
+
+
+def _restarted() -> bool:
+    """A restart of this launch (torchrun's next attempt, or a SLURM requeue of the same job): its checkpoints are
+    this run's own. A first attempt never resumes on its own — a fresh launch into a run dir holding checkpoints is
+    refused (by ``medfm launch`` up front, else by pretrain's fresh-run guard) unless checkpoint.resume asks."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    return attempt > 0 or int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
 
 
 def init_process_group() -> None:
@@ -76,7 +84,7 @@ def main(argv=None) -> int:
     extra = []
     latest = _latest_step(ckpt_root)
     # (pretrain writes the config it ran back to config.yaml, so after one resume the file itself says "latest")
-    if latest is not None and cfg.checkpoint.resume in ("", "latest"):
+    if latest is not None and (cfg.checkpoint.resume == "latest" or (cfg.checkpoint.resume == "" and _restarted())):
         extra = ["checkpoint.resume=latest"]
         if os.environ.get("RANK", "0") == "0":
             print(f"medfm launch: attempt {attempt}: resuming from {ckpt_root}/step{latest}", file=sys.stderr,

@@ -24,6 +24,9 @@ MAE_MODALITIES = ("image", "volume", "signal")
 class TowerSpec:
     arch: str
     overrides: dict[str, Any] = field(default_factory=dict)
+    # pretrained weights for this tower (HF dir / pkg: spec / .safetensors / zoo NAME:VERSION / medfm checkpoint),
+    # applied by the training engine after the build (medfm.model_zoo.init_from), also under zero.Init
+    init_from: str | None = None
 
 
 @dataclass
@@ -58,6 +61,7 @@ class MultiModalConfig:
     init_logit_bias: float = -10.0  # SigLIP bias
     attn_backend: str | None = None  # when set, overrides every tower's and decoder's attention backend
     grad_checkpointing: bool | None = None  # when set, overrides every tower's switch
+    init_from: str | None = None  # pretrained weights for the whole model (see TowerSpec.init_from)
 
     def validate(self):
         if not self.towers:

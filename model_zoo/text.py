@@ -105,6 +105,15 @@ def _random_init(auto_model, hf_cfg):
     return model
 
 
+def _log_incomplete(line: str) -> None:
+    """What from_pretrained would warn about: only when keys are missing (the pooler is never built, so its
+    weights are expected to be unused)."""
+    import sys
+
+    if "missing 0 " not in line:
+        print(f"medfm: {line}", file=sys.stderr, flush=True)
+
+
 class TextTower(Tower):
     modality = "text"
     batch_keys = ("text_ids", "text_valid")
@@ -119,10 +128,14 @@ class TextTower(Tower):
         if cfg.path is not None:
             local = resolve_local_dir(cfg.path)
             hf_cfg = AutoConfig.from_pretrained(local, **cfg.dropout_overrides())
-            if cfg.load_weights:
-                if zero_init_active():  # HF would load whole tensors into already-partitioned (empty) ones
-                    raise ValueError(f"text tower {cfg.path}: pretrained weights cannot be loaded under "
-                                     "deepspeed.zero.Init; build it without (zero.zero_init=false)")
+            if cfg.load_weights and zero_init_active():
+                # HF would load whole tensors into already-partitioned (empty) ones: build the architecture, then
+                # fill it module by module (gather -> rank 0 copies -> scatter), never whole on one rank.
+                from medfm.model_zoo.init_from import load_into, open_source
+
+                self.model = _random_init(AutoModel, hf_cfg)
+                load_into(self.model, open_source(str(local)), f"text tower {cfg.path}", log=_log_incomplete)
+            elif cfg.load_weights:
                 self.model = AutoModel.from_pretrained(local, config=hf_cfg, add_pooling_layer=False, use_safetensors=True)
             else:
                 self.model = _random_init(AutoModel, hf_cfg)

@@ -1,14 +1,9 @@
-"""Checkpoints: save every N steps, keep K, move "latest" only after every rank finished, resume exactly,
-and consolidate ZeRO-3 partitions to one fp32 state dict.
+"""Checkpoints: save every N steps, keep K, move "latest" only after every rank finished, resume exactly.
 
-Layout of ``<run_dir>/checkpoints``::
-
-    step15/                  DeepSpeed ZeRO-3 files (per-rank partitions)  |  ddp: model/optimizer .safetensors
-    step15/client/rank0.json step, samples seen, loader state, RNG states, resolved config, manifest hashes, commit
-    step15/COMPLETE          written by rank 0 after the barrier that follows every rank's write
-    latest                   the tag of the newest COMPLETE checkpoint (atomic rename)
-
-Our own client state is JSON (never pickle). A crash mid-save leaves a directory without COMPLETE and "latest"
+The layout (``latest``, ``COMPLETE``, ``client/rank<r>.json``, the ``model.`` prefix) has one owner,
+medfm.model_zoo.checkpoint_io, which evals, release and launch read through too; this module writes it.
+Our own client state is JSON (never pickle); DeepSpeed's files are read with weights_only=True (its checkpoint
+engine is swapped for checkpoint_io's). A crash mid-save leaves a directory without COMPLETE and "latest"
 still naming the previous checkpoint, which therefore stays loadable.
 """
 
@@ -16,9 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import random
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -28,10 +21,9 @@ import torch
 
 # Reading a checkpoint into one fp32 state dict lives in model_zoo (evals and release use it without training
 # code); re-exported here for compatibility.
-from medfm.model_zoo.checkpoint_io import consolidate, model_state_dict  # noqa: F401
+from medfm.model_zoo import checkpoint_io as layout
+from medfm.model_zoo.checkpoint_io import TAG_RE, consolidate, model_state_dict  # noqa: F401
 from medfm.pretrain import collectives
-
-TAG_RE = re.compile(r"^step(\d+)$")
 
 
 def git_commit() -> str:
@@ -71,10 +63,7 @@ def _barrier():
     collectives.barrier()
 
 
-def _write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+_write_json_atomic = layout.write_json_atomic
 
 
 def _unshared(state: dict) -> dict:
@@ -99,34 +88,19 @@ class CheckpointManager:
     # -- discovery -------------------------------------------------------------------------------------------
     def complete_tags(self) -> list[str]:
         """Complete checkpoints, oldest first."""
-        if not self.root.is_dir():
-            return []
-        tags = [p.name for p in self.root.iterdir() if TAG_RE.match(p.name) and (p / "COMPLETE").is_file()]
-        return sorted(tags, key=lambda t: int(TAG_RE.match(t).group(1)))
+        return layout.complete_tags(self.root)
 
     def latest(self) -> str | None:
-        f = self.root / "latest"
-        if not f.is_file():
-            return None
-        tag = f.read_text().strip()
-        return tag if (self.root / tag / "COMPLETE").is_file() else None
+        return layout.latest(self.root)
 
     def resolve(self, spec: str) -> str:
         """``latest`` or a tag -> an existing complete tag (ValueError, one line, otherwise)."""
-        if spec == "latest":
-            tag = self.latest()
-            if tag is None:
-                raise ValueError(f"checkpoint.resume=latest: no complete checkpoint under {self.root}")
-            return tag
-        if not (self.root / spec / "COMPLETE").is_file():
-            have = self.complete_tags()
-            raise ValueError(f"checkpoint.resume={spec}: no complete checkpoint {self.root / spec} (have {have})")
-        return spec
+        return layout.resolve_tag(self.root, spec)
 
     # -- save ------------------------------------------------------------------------------------------------
     def save(self, engine, step: int, client: dict) -> str:
         """Collective: every rank writes its part, then rank 0 marks it complete, moves "latest", prunes."""
-        tag = f"step{step}"
+        tag = layout.tag_for(step)
         path = self.root / tag
         if self.rank == 0 and path.exists():  # a half-written leftover of a crashed run at this step
             shutil.rmtree(path)
@@ -138,14 +112,12 @@ class CheckpointManager:
             self._save_ddp(engine, path)
         if self.faults:
             self.faults.in_save(step)  # partitions written, client state and COMPLETE not yet
-        (path / "client").mkdir(exist_ok=True)
-        _write_json_atomic(path / "client" / f"rank{self.rank}.json", client)
+        client_file = layout.client_file(self.root, tag, self.rank)
+        client_file.parent.mkdir(exist_ok=True)
+        _write_json_atomic(client_file, client)
         _barrier()  # every rank has finished writing
         if self.rank == 0:
-            _write_json_atomic(path / "COMPLETE", {"world_size": self.world_size, "step": step})
-            tmp = self.root / "latest.tmp"
-            tmp.write_text(tag)
-            os.replace(tmp, self.root / "latest")
+            layout.mark_complete(self.root, tag, self.world_size, step)
             for old in self.complete_tags()[: -self.keep]:
                 shutil.rmtree(self.root / old, ignore_errors=True)
         _barrier()
@@ -174,21 +146,21 @@ class CheckpointManager:
     # -- load ------------------------------------------------------------------------------------------------
     def load(self, engine, tag: str) -> dict:
         path = self.root / tag
-        done = json.loads((path / "COMPLETE").read_text())
+        done = layout.read_complete(self.root, tag)
         if engine.strategy == "zero3":
-            if done["world_size"] != self.world_size:
-                raise ValueError(f"checkpoint {path}: ZeRO-3 partitions of world size {done['world_size']} cannot "
-                                 f"resume in world size {self.world_size}; consolidate it first")
-            load_path, _ = engine.ds.load_checkpoint(str(self.root), tag=tag)
+            if done["world_size"] != self.world_size:  # re-partitioned through a universal checkpoint
+                from medfm.pretrain.reshard import load_other_world
+
+                return load_other_world(engine, self.root, tag, done["world_size"], self.rank)
+            # DeepSpeed's own engine unpickles (weights_only=False); every file goes through checkpoint_io instead
+            engine.ds.checkpoint_engine = layout.weights_only_checkpoint_engine(engine.ds._config)
+            with layout.weights_only_loads():  # torch.load calls outside the engine (stage-3 optimizer, universal)
+                load_path, _ = engine.ds.load_checkpoint(str(self.root), tag=tag)
             if load_path is None:
                 raise ValueError(f"checkpoint {path}: DeepSpeed found nothing to load")
         else:
             self._load_ddp(engine, path)
-        client_file = path / "client" / f"rank{self.rank}.json"
-        if not client_file.is_file():
-            raise ValueError(f"checkpoint {path}: no client state for rank {self.rank} (saved with world size "
-                             f"{done['world_size']}, now {self.world_size})")
-        return json.loads(client_file.read_text())
+        return layout.read_client(self.root, tag, self.rank)
 
     def _load_ddp(self, engine, path: Path) -> None:
         from safetensors.torch import load_file

@@ -72,10 +72,11 @@ class ZeroConfig:
     reduce_bucket_size: int = 50_000_000
     contiguous_gradients: bool = True
     # Build under deepspeed.zero.Init: each module is partitioned as soon as it is built, so the model is never whole
-    # on one rank (model_zoo initialises one gathered leaf at a time; same values as an ordinary build). Off only for
-    # a text tower loading pretrained HF weights, which HF cannot load into partitioned tensors.
+    # on one rank (model_zoo initialises one gathered leaf at a time; same values as an ordinary build). Pretrained
+    # weights (text_minilm, model.init_from) are filled module by module into the partitions (model_zoo.init_from).
     zero_init: bool = True
     overlap_comm: bool = False  # comm on a side stream: a GPU option (CPU/gloo: no gain, docs/notes/pretrain.md)
+    device_memory_gib: float = 0.0  # memory of one device; `medfm launch --dry-run` checks the estimate (0 = unknown)
 
 
 @dataclass

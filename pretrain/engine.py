@@ -89,6 +89,22 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def init_pretrained(model, model_cfg) -> None:
+    """``model.init_from`` / ``model.towers.<m>.init_from`` into the built (maybe partitioned) model, one line
+    per source on rank 0; a source that is missing or does not fit is a ConfigError."""
+    from medfm.model_zoo.init_from import InitFromError, apply_init_from
+    from medfm.pretrain import collectives
+    from medfm.schema import ConfigError
+
+    if not (model_cfg.init_from or any(s.init_from for s in model_cfg.towers.values())):
+        return
+    try:
+        apply_init_from(model, model_cfg, log=lambda line: print(f"medfm: {line}", flush=True),
+                        broadcast=collectives.broadcast_object)
+    except InitFromError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 class Engine:
     """Build the model + objectives + optimizer + schedule for ``cfg`` and wrap them in the chosen strategy."""
 
@@ -151,6 +167,7 @@ class Engine:
             ctx = nullcontext()
         with ctx:
             model = build_multimodal(self.cfg.model)
+        init_pretrained(model, self.cfg.model)
         for tower in self.cfg.train.grad_checkpointing:
             model.towers[tower].set_grad_checkpointing(True)
         if self.cfg.train.compile:  # in place: state_dict keys (checkpoints, release) stay the same

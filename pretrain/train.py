@@ -28,6 +28,7 @@ from medfm.pretrain.engine import Engine, init_distributed, setup_environment
 from medfm.pretrain.faults import FaultInjector
 from medfm.pretrain.peak_flops import measure_peak_flops, mfu_metrics, mfu_peak  # noqa: F401 (re-export)
 from medfm.pretrain.preemption import Preemption
+from medfm.pretrain.reshard import keep_global_batch
 from medfm.pretrain.resume_config import apply_changes, resume_changes, saved_config
 from medfm.pretrain.step_flops import analytic_covers, analytic_micro_step_flops
 from medfm.pretrain.tracking import Tracker, flatten
@@ -135,6 +136,7 @@ def run(cfg: RunConfig) -> RunResult:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     t = cfg.train
+    keep_global_batch(cfg, world)  # a ZeRO-3 resume at another world size keeps the global batch sequence
     t.check_world(world)
     run_dir = Path(cfg.run_dir)
     earlier = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint.keep, rank, world).complete_tags()
@@ -163,9 +165,9 @@ def run(cfg: RunConfig) -> RunResult:
     if cfg.checkpoint.resume:
         try:
             tag = ckpt.resolve(cfg.checkpoint.resume)
+            client = ckpt.load(engine, tag)  # a file that needs unpickling is refused here, one line
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        client = ckpt.load(engine, tag)
         start, samples_seen = client["step"], client["samples_seen"]
         train_flops = float(client.get("train_flops", 0.0))  # checkpoints before train_flops existed: from 0
         loader.load_state_dict(client["loader"])

@@ -13,9 +13,7 @@
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
 from medfm.pretrain.tracking import flatten
 from medfm.schema import ConfigError, to_dict
@@ -37,14 +35,14 @@ def saved_config(ckpt, spec: str, rank: int) -> tuple[dict, int]:
         tag = ckpt.resolve(spec)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    path = Path(ckpt.root) / tag / "client" / f"rank{rank}.json"
-    if not path.is_file():
-        path = Path(ckpt.root) / tag / "client" / "rank0.json"
+    from medfm.model_zoo import checkpoint_io as layout  # the one owner of the checkpoint layout
+
+    mine = rank if layout.client_file(ckpt.root, tag, rank).is_file() else 0
     try:
-        client = json.loads(path.read_text())
+        client = layout.read_client(ckpt.root, tag, mine)
         return client.get("config") or {}, int(client.get("world_size") or 0)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"checkpoint.resume={spec}: cannot read {path} ({exc.__class__.__name__}: {exc})") from None
+        raise ConfigError(f"checkpoint.resume={spec}: {exc}") from None
 
 
 def resume_changes(cfg, saved: dict, saved_world: int, world: int) -> dict[str, tuple[str, str]]:

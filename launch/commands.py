@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from medfm.schema import ConfigError
+
 
 def _launch(args) -> int:
     from medfm.launch.launcher import launch
@@ -12,9 +14,18 @@ def _launch(args) -> int:
 
 
 def _sweep(args) -> int:
-    from medfm.launch.sweep import run_sweep
+    from medfm.launch.sweep import finalize, run_sweep, sweep_status
 
-    return run_sweep(args.sweep, dry_run=args.dry_run, only=args.only)
+    if args.sweep == "status":  # `medfm sweep status SWEEP.yaml`
+        if not args.target:
+            raise ConfigError("medfm sweep status: expected SWEEP.yaml")
+        return sweep_status(args.target)
+    if args.target:
+        raise ConfigError(f"medfm sweep: unexpected argument {args.target!r} (did you mean 'medfm sweep status "
+                          f"{args.target}'?)")
+    if args.finalize:
+        return finalize(args.sweep, args.finalize)
+    return run_sweep(args.sweep, dry_run=args.dry_run, only=args.only, backend=args.backend, resubmit=args.resubmit)
 
 
 def _scaling_fit(args) -> int:
@@ -60,9 +71,16 @@ def add_cli(subparsers) -> None:
     s = subparsers.add_parser("sweep", help="run a model-size x data-budget grid for a scaling-law study",
                               description="Run every point of SWEEP.yaml as a normal launch (resumable: finished "
                                           "points are skipped) and collect final losses into one CSV.")
-    s.add_argument("sweep", help="sweep YAML (see configs/sweep_tiny.yaml)")
-    s.add_argument("--dry-run", action="store_true", help="list the points and their status; run nothing")
+    s.add_argument("sweep", help="sweep YAML (see configs/sweep_tiny.yaml), or 'status' followed by the YAML")
+    s.add_argument("target", nargs="?", default=None, help=argparse.SUPPRESS)
+    s.add_argument("--dry-run", action="store_true", help="list the points and their status (slurm: print the "
+                                                         "batch scripts); run and submit nothing")
     s.add_argument("--only", action="append", default=[], metavar="POINT", help="run only this point (repeatable)")
+    s.add_argument("--backend", choices=("local", "slurm", "emit"), default=None,
+                   help="where points run (default: the sweep's backend:, else local)")
+    s.add_argument("--resubmit", action="store_true", help="slurm: submit points that were submitted before")
+    s.add_argument("--finalize", default=None, metavar="POINT",
+                   help="evaluate a trained point and update results.csv (the slurm backend's second job)")
     s.set_defaults(func=_sweep)
 
     sc = subparsers.add_parser("scaling", help="scaling-law fits of sweep results")

@@ -29,12 +29,23 @@ def _sweep(args) -> int:
 
 
 def _scaling_fit(args) -> int:
-    from medfm.launch.scaling import fit_all, format_report, parse_budget, plot_fits, read_points, report_json
+    from medfm.launch.scaling import (
+        fit_all,
+        format_report,
+        parse_budget,
+        plot_fits,
+        read_points,
+        report_json,
+        split_holdout,
+    )
 
     points = read_points(args.results, n_col=args.n_col, d_col=args.d_col, loss_col=args.loss_col)
     budgets = [parse_budget(b) for b in args.budget]
+    held = None
+    if args.holdout:
+        points, held = split_holdout(points, args.holdout)
     report, fits = fit_all(points, budgets, n_boot=args.bootstrap, seed=args.seed, names=(args.n_col, args.d_col),
-                           progress=True)
+                           progress=True, holdout=held)
     print(format_report(report))
     if args.json:
         with open(args.json, "w") as fh:
@@ -86,7 +97,8 @@ def add_cli(subparsers) -> None:
     sc = subparsers.add_parser("scaling", help="scaling-law fits of sweep results")
     sc_sub = sc.add_subparsers(dest="scaling_command", metavar="COMMAND", parser_class=type(sc))
     sc_sub.required = True
-    f = sc_sub.add_parser("fit", help="fit L(N), L(D), L(N,D); compute-optimal frontier and extrapolation",
+    f = sc_sub.add_parser("fit", help="fit L(N), L(D), L(N,D) (approach 3) and IsoFLOP profiles (approach 2); "
+                          "compute-optimal frontier, extrapolation, holdout validation",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     f.add_argument("results", help="results CSV (as written by medfm sweep)")
     f.add_argument("--plot", default=None, metavar="OUT.png", help="write the points/fits/frontier figure")
@@ -97,6 +109,9 @@ def add_cli(subparsers) -> None:
     f.add_argument("--n-col", default="params", help="column holding model size N")
     f.add_argument("--d-col", default="samples", help="column holding data size D")
     f.add_argument("--loss-col", default="eval_loss", help="column holding the final loss")
+    f.add_argument("--holdout", action="append", default=[], metavar="largest|POINT[,POINT]",
+                   help="fit without these points (largest = the largest compute budget) and report their predicted "
+                        "vs measured loss with the 95%% prediction interval")
     f.add_argument("--bootstrap", type=int, default=200, help="bootstrap refits for the intervals")
     f.add_argument("--seed", type=int, default=0)
     f.set_defaults(func=_scaling_fit)

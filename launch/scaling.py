@@ -630,9 +630,88 @@ def _plain_log_labels(ax) -> None:
     ax.xaxis.set_minor_formatter(FuncFormatter(twos_and_fives))
 
 
+def _plot_isoflop(ax, points: Points, fits: dict, report: ScalingReport, cmap) -> None:
+    """Approach 2: loss vs N per compute budget with its parabola in log N and the minimum (open if unbracketed)."""
+    compute = fits["compute"]
+    groups = isoflop_groups(points, compute)
+    for i, (g, prof) in enumerate(zip(groups, report.approach2["profiles"])):
+        color = cmap(i / max(1, len(groups) - 1))
+        ax.scatter(points.n[g], points.loss[g], color=color, zorder=3, label=f"C={prof['compute']:.3g}")
+        if len(np.unique(points.n[g])) >= 3:
+            coef = np.polyfit(np.log(points.n[g]), np.log(points.loss[g]), 2)
+            xs = np.geomspace(points.n[g].min() / 1.3, points.n[g].max() * 1.3, 100)
+            ax.plot(xs, np.exp(np.polyval(coef, np.log(xs))), color=color, lw=1)
+        if math.isfinite(prof["n_opt"]):
+            ax.plot([prof["n_opt"]], [prof["loss_opt"]], "D", color=color, ms=8,
+                    mfc=color if prof["bracketed"] else "none")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    _plain_log_labels(ax)
+    ax.set_xlabel(report.variables["N"])
+    ax.set_ylabel("final loss")
+    ax.set_title("approach 2: IsoFLOP profiles (◆ minimum; open = outside sampled N)")
+    ax.legend(fontsize=7)
+
+
+def _plot_optimum(ax, fits: dict, report: ScalingReport) -> None:
+    """N*(C) of both approaches over the sweep's budgets and the extrapolation, with bootstrap intervals."""
+    k = fits["k_flops"]
+    prof = [p for p in report.approach2["profiles"] if p["bracketed"]]
+    c_lo = min([p["compute"] for p in report.approach2["profiles"]] + [e["compute"] for e in report.extrapolation])
+    c_hi = max([p["compute"] for p in report.approach2["profiles"]] + [e["compute"] for e in report.extrapolation])
+    cs = np.geomspace(c_lo / 2, c_hi * 2, 100)
+    n3, _, _ = compute_optimal(fits["joint"], cs, k)
+    n2, _ = approach2_optimum(report.approach2, cs, k)
+    ax.plot(cs, n3, "r-", label="approach 3 (joint law)")
+    if np.isfinite(n2).any():
+        ax.plot(cs, n2, "b--", label="approach 2 (IsoFLOP minima)")
+    if prof:
+        ax.scatter([p["compute"] for p in prof], [p["n_opt"] for p in prof], color="b", zorder=3)
+    for e in report.extrapolation:
+        for key, color, dx in (("n_opt", "r", 1.0), ("a2_n_opt", "b", 1.15)):
+            lo, hi = e[f"{key}_interval"]
+            if math.isfinite(e[key]) and math.isfinite(lo) and math.isfinite(hi):
+                ax.errorbar([e["compute"] * dx], [e[key]], yerr=[[max(0.0, e[key] - lo)], [max(0.0, hi - e[key])]],
+                            fmt="*", color=color, ms=10, capsize=4)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("compute C (FLOPs)")
+    ax.set_ylabel(f"compute-optimal {report.variables['N']}")
+    ax.set_title("N*(C): both approaches, 95% bootstrap intervals")
+    ax.legend(fontsize=7)
+
+
+def _plot_holdout(ax, report: ScalingReport) -> None:
+    """Predicted (with the 95% prediction interval) vs measured loss of the held-out points."""
+    if not report.holdout:
+        ax.text(0.5, 0.5, "no holdout\n(medfm scaling fit --holdout largest)", ha="center", va="center",
+                transform=ax.transAxes)
+        ax.set_axis_off()
+        return
+    meas = np.array([h["measured"] for h in report.holdout])
+    pred = np.array([h["predicted"] for h in report.holdout])
+    lo = np.array([h["interval"][0] for h in report.holdout])
+    hi = np.array([h["interval"][1] for h in report.holdout])
+    inside = np.array([h["inside"] for h in report.holdout])
+    yerr = np.nan_to_num(np.stack([np.maximum(0, pred - lo), np.maximum(0, hi - pred)]))
+    for sel, color, label in ((inside, "g", "measured inside interval"), (~inside, "r", "measured OUTSIDE")):
+        if sel.any():
+            ax.errorbar(meas[sel], pred[sel], yerr=yerr[:, sel], fmt="o", color=color, capsize=4, label=label)
+    span = [min(meas.min(), np.nanmin(lo)) * 0.98, max(meas.max(), np.nanmax(hi)) * 1.02]
+    ax.plot(span, span, "k:", lw=1, label="predicted = measured")
+    for h in report.holdout:
+        ax.annotate(h["name"], (h["measured"], h["predicted"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    err = np.mean(np.abs(pred / meas - 1)) * 100
+    ax.set_xlabel("measured loss (held out)")
+    ax.set_ylabel("predicted loss (fit without them)")
+    ax.set_title(f"holdout: mean |error| {err:.1f}%, {inside.sum()}/{len(inside)} inside")
+    ax.legend(fontsize=7)
+
+
 def plot_fits(points: Points, fits: dict, report: ScalingReport, out) -> Path:
-    """Three panels: loss vs N (one colour per D, joint-law curves, the L(N) envelope law), loss vs D, and the
-    compute frontier L*(C) with the extrapolated budgets and their intervals."""
+    """Six panels: loss vs N (one colour per D, joint-law curves, the L(N) envelope law), loss vs D, the compute
+    frontier L*(C) with the extrapolated budgets; approach 2's IsoFLOP profiles, N*(C) of both approaches, and the
+    holdout check (predicted vs measured with prediction intervals)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -641,7 +720,8 @@ def plot_fits(points: Points, fits: dict, report: ScalingReport, out) -> Path:
 
     out = Path(out)
     joint, k_flops = fits["joint"], fits["k_flops"]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    fig, grid_axes = plt.subplots(2, 3, figsize=(16, 9.6))
+    axes = grid_axes[0]
     cmap = plt.get_cmap("viridis")
     for ax, x, other, xname, oname, law in (
         (axes[0], points.n, points.d, report.variables["N"], report.variables["D"], fits["law_n"]),
@@ -690,6 +770,9 @@ def plot_fits(points: Points, fits: dict, report: ScalingReport, out) -> Path:
     ax.set_ylabel("final loss")
     ax.set_title("compute frontier and extrapolation")
     ax.legend(fontsize=7)
+    _plot_isoflop(grid_axes[1][0], points, fits, report, cmap)
+    _plot_optimum(grid_axes[1][1], fits, report)
+    _plot_holdout(grid_axes[1][2], report)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)

@@ -207,9 +207,8 @@ def _source_modalities(src) -> list[str]:
     return [m for m in MODALITIES if totals.get(m)]
 
 
-def mixture_overrides(cfg, mixture: MixtureSpec, where: str) -> tuple[list[str], dict]:
-    """The ``data.sources=[...]`` override of a mixture, and the shares it implies: ``share/<source>`` (the source's
-    share of batch slots) and ``share/<modality>`` (the share of samples carrying that modality)."""
+def mixture_overrides(cfg, mixture: MixtureSpec, where: str) -> list[str]:
+    """The ``data.sources=[...]`` override that gives the sources of ``cfg`` the mixture's weights."""
     sources = cfg.data.sources
     names = [_source_name(s) for s in sources]
     unknown = [k for k in mixture.weights if k not in names]
@@ -228,11 +227,22 @@ def mixture_overrides(cfg, mixture: MixtureSpec, where: str) -> tuple[list[str],
         if s.group:
             entry["group"] = s.group
         new.append(entry)
-    shares = {f"share/{n}": w / sum(weights) for n, w in zip(names, weights)}
-    for n, s in zip(names, sources):
+    return [f"data.sources={_yaml_value(new)}"]
+
+
+def source_shares(cfg) -> dict:
+    """``share/<source>``: a source's share of batch slots (its normalised weight under plan policy "all"), and
+    ``share/<modality>``: the share of training samples that carry the modality (from the sources' manifests)."""
+    if cfg.data.plan.policy != "all" or len(cfg.data.sources) < 2:
+        return {}
+    total = sum(s.weight for s in cfg.data.sources)
+    shares = {}
+    for s in cfg.data.sources:
+        share = s.weight / total
+        shares[f"share/{_source_name(s)}"] = share
         for m in _source_modalities(s):
-            shares[f"share/{m}"] = shares.get(f"share/{m}", 0.0) + shares[f"share/{n}"]
-    return [f"data.sources={_yaml_value(new)}"], shares
+            shares[f"share/{m}"] = shares.get(f"share/{m}", 0.0) + share
+    return shares
 
 
 def plan_points(sweep: SweepConfig, base: Path) -> list[Planned]:
@@ -255,11 +265,9 @@ def plan_points(sweep: SweepConfig, base: Path) -> list[Planned]:
                 ov += [f"name={point.name}", f"run_dir={out / 'runs' / point.name}",
                        f"tracking.experiment={sweep.experiment or sweep.name}", f"tracking.uri={uri}",
                        f"tracking.run_name={point.name}"]
-                shares = {}
                 try:
                     if mixture is not None:
-                        mix_ov, shares = mixture_overrides(resolve_config(base, ov), mixture, f"sweep point {point.name}")
-                        ov += mix_ov
+                        ov += mixture_overrides(resolve_config(base, ov), mixture, f"sweep point {point.name}")
                     cfg = resolve_config(base, ov)
                 except ConfigError as exc:
                     msg = str(exc)
@@ -276,7 +284,7 @@ def plan_points(sweep: SweepConfig, base: Path) -> list[Planned]:
                          "mixture": mixture.name if mixture else "", "params": params,
                          "samples": steps * per_step, "steps": steps, "flops_per_sample": fps,
                          "planned_train_flops": fps * steps * per_step, "run_dir": str(out / "runs" / point.name),
-                         **shares}
+                         **source_shares(cfg)}
                 planned.append(Planned(point, cfg, ov, facts))
     return planned
 

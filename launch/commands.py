@@ -56,6 +56,23 @@ def _scaling_fit(args) -> int:
     return 0
 
 
+def _scaling_mixture(args) -> int:
+    from medfm.launch.mixture import fit_mixture, format_mixture, mixture_json, plot_mixture, read_mixture_points
+
+    if not args.target_samples > 0:
+        raise ConfigError(f"--target-samples: expected a number > 0, got {args.target_samples}")
+    pts = read_mixture_points(args.results, size=args.size)
+    report, laws = fit_mixture(pts, args.target_samples, n_boot=args.bootstrap, seed=args.seed)
+    print(format_mixture(report))
+    if args.json:
+        with open(args.json, "w") as fh:
+            fh.write(mixture_json(report) + "\n")
+        print(f"wrote {args.json}")
+    if args.plot:
+        print(f"wrote {plot_mixture(pts, laws, report, args.plot)}")
+    return 0
+
+
 def add_cli(subparsers) -> None:
     p = subparsers.add_parser(
         "launch", help="start a (multi-node) torchrun world running `medfm pretrain`",
@@ -115,3 +132,13 @@ def add_cli(subparsers) -> None:
     f.add_argument("--bootstrap", type=int, default=200, help="bootstrap refits for the intervals")
     f.add_argument("--seed", type=int, default=0)
     f.set_defaults(func=_scaling_fit)
+    m = sc_sub.add_parser("mixture", help="per-modality held-out loss vs its samples; recommended source mixture",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m.add_argument("results", nargs="+", help="results CSV(s) of sweeps with weighted sources (see launch/mixture.py)")
+    m.add_argument("--target-samples", type=float, required=True, help="training samples of the run to plan")
+    m.add_argument("--size", default=None, help="use the points of this sweep size only (one model size)")
+    m.add_argument("--plot", default=None, metavar="OUT.png")
+    m.add_argument("--json", default=None, metavar="OUT.json")
+    m.add_argument("--bootstrap", type=int, default=200)
+    m.add_argument("--seed", type=int, default=0)
+    m.set_defaults(func=_scaling_mixture)

@@ -147,3 +147,34 @@ def test_two_local_points_run_side_by_side(tmp_path, capsys):
     assert "w16__d8" in out and "2/2 points done" in out and " 4/4 " in out
     assert main(["sweep", str(path)]) == 0  # rerun: nothing to do, both stay done
     assert "2/2 points done" in capsys.readouterr().out
+
+
+def test_train_flops_is_what_the_trainer_recorded(tmp_path, monkeypatch, capsys):
+    """The sweep's x-axis is the trainer's train_flops (here a counter-source value 3x the planned one, as for
+    contrastive heads the analytic formula does not see), not the sweep's own a-priori count."""
+    import medfm.launch.sweep as sweep_mod
+
+    path = _setup(tmp_path)
+    real_run = subprocess.run
+
+    def fake_run(argv, *args, **kwargs):
+        if "launch" in argv:  # the trainer: metrics.jsonl with its cumulative train_flops, and a checkpoint
+            run_dir = Path(next(a for a in argv if a.startswith("run_dir=")).split("=", 1)[1])
+            steps = int(next(a for a in argv if a.startswith("train.steps=")).split("=", 1)[1])
+            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            with (run_dir / "metrics.jsonl").open("w") as fh:
+                for s in range(1, steps + 1):
+                    fh.write(json.dumps({"step": s, "loss/total": 1.0 / s, "train_flops": 3000.0 * s,
+                                         "samples_seen": 2 * s}) + "\n")
+            return subprocess.CompletedProcess(argv, 0)
+        if "medfm.launch.evaluate" in argv:
+            out = json.dumps({"losses": {"mae:image": 0.5}, "total": 0.5, "batches": 1, "samples": 2, "split": "val"})
+            return subprocess.CompletedProcess(argv, 0, stdout=out + "\n", stderr="")
+        return real_run(argv, *args, **kwargs)
+
+    monkeypatch.setattr(sweep_mod.subprocess, "run", fake_run)
+    assert main(["sweep", str(path)]) == 0
+    rows = {r["name"]: r for r in csv.DictReader((tmp_path / "out" / "results.csv").open())}
+    assert float(rows["w16__d4"]["train_flops"]) == 6000.0 and float(rows["w16__d8"]["train_flops"]) == 12000.0
+    assert float(rows["w16__d8"]["flops_per_sample"]) == 1500.0
+    assert float(rows["w16__d8"]["planned_train_flops"]) != 12000.0

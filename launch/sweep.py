@@ -395,7 +395,8 @@ def _fail(p: Planned, status: str, started: str) -> dict:
 
 
 def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime()) + f".{int(time.time() * 1000) % 1000:03d}"
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t)) + f".{int(t * 1000) % 1000:03d}"
 
 
 def run_point(sweep: SweepConfig, base: Path, p: Planned, threads: int | None = None) -> dict:

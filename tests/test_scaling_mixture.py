@@ -51,7 +51,7 @@ def test_planted_mixture_law_and_recommendation(tmp_path):
     pts = read_mixture_points([write(tmp_path / "r.csv", planted_rows())])
     assert pts.sources == ["mri", "ecg"] and pts.modalities == ["image", "signal"]
     assert pts.membership.tolist() == [[1, 0], [0, 1]]
-    report, _ = fit_mixture(pts, target=20000, n_boot=40, seed=0)
+    report, _ = fit_mixture(pts, target=20000, n_boot=20, seed=0)
     for m, (e, _b, beta) in LAWS.items():
         law = report.laws[m]
         assert abs(law["beta"] - beta) < 0.05, (m, law)

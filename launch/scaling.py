@@ -662,7 +662,14 @@ def _plot_optimum(ax, fits: dict, report: ScalingReport) -> None:
     cs = np.geomspace(c_lo / 2, c_hi * 2, 100)
     n3, _, _ = compute_optimal(fits["joint"], cs, k)
     n2, _ = approach2_optimum(report.approach2, cs, k)
-    ax.plot(cs, n3, "r-", label="approach 3 (joint law)")
+    n3 = np.where(np.isfinite(n3) & (n3 > 0), n3, np.nan)
+    if not (np.isfinite(n3).any() or np.isfinite(n2).any() or prof):
+        ax.text(0.5, 0.5, "N*(C) not identified by either approach\n(see the report's warnings)", ha="center",
+                va="center", transform=ax.transAxes)
+        ax.set_title("N*(C): both approaches")
+        return
+    if np.isfinite(n3).any():
+        ax.plot(cs, n3, "r-", label="approach 3 (joint law)")
     if np.isfinite(n2).any():
         ax.plot(cs, n2, "b--", label="approach 2 (IsoFLOP minima)")
     if prof:
@@ -670,7 +677,7 @@ def _plot_optimum(ax, fits: dict, report: ScalingReport) -> None:
     for e in report.extrapolation:
         for key, color, dx in (("n_opt", "r", 1.0), ("a2_n_opt", "b", 1.15)):
             lo, hi = e[f"{key}_interval"]
-            if math.isfinite(e[key]) and math.isfinite(lo) and math.isfinite(hi):
+            if all(math.isfinite(v) and v > 0 for v in (e[key], lo, hi)):
                 ax.errorbar([e["compute"] * dx], [e[key]], yerr=[[max(0.0, e[key] - lo)], [max(0.0, hi - e[key])]],
                             fmt="*", color=color, ms=10, capsize=4)
     ax.set_xscale("log")

@@ -177,6 +177,9 @@ def fit_mixture(pts: MixturePoints, target: float, n_boot: int = 200, seed: int 
                 or beta_iv[0] <= 1e-3 or beta_iv[1] >= EXPONENT_BOUND - 1e-3:
             warnings.append(f"{m}: the exponent β={b:.3g} (interval [{beta_iv[0]:.3g}, {beta_iv[1]:.3g}]) reaches "
                             f"the fit's bound (0 or {EXPONENT_BOUND:g}): these points do not identify it")
+        elif beta_iv[1] - beta_iv[0] > max(0.5, abs(b)):
+            warnings.append(f"{m}: the exponent β={b:.3g} is poorly identified (interval [{beta_iv[0]:.3g}, "
+                            f"{beta_iv[1]:.3g}] is wider than the estimate)")
         if law.E < 1e-3 * float(pts.loss[:, j].min()):
             warnings.append(f"{m}: E → {law.E:.3g}: the held-out loss does not flatten within these budgets, so the "
                             "floor is not identified")
@@ -185,6 +188,10 @@ def fit_mixture(pts: MixturePoints, target: float, n_boot: int = 200, seed: int 
            "modality_shares": {m: float(x) for m, x in zip(pts.modalities, mshares)},
            "predicted_loss": {m: float(x) for m, x in zip(pts.modalities, losses)},
            "predicted_loss_intervals": {m: _interval(bl[:, j]) for j, m in enumerate(pts.modalities)}}
+    wide = [s for s, (lo, hi) in rec["source_intervals"].items() if math.isfinite(lo) and hi - lo > 0.5]
+    if wide:
+        warnings.append(f"the recommended share of {', '.join(wide)} has an interval wider than 0.5 of the simplex: "
+                        "these points do not pin the mixture down")
     edge = [s for s, x in rec["sources"].items() if x <= 0.005 or x >= 0.995]
     if edge:
         warnings.append(f"the recommended mixture lies at the edge of the simplex ({', '.join(edge)}): the fitted "

@@ -263,6 +263,9 @@ def plot_mixture(pts: MixturePoints, laws: list[LawFit], report: MixtureReport, 
         ax.legend(fontsize=7)
     ax = axes[-1]
     cand = _simplex(len(pts.sources), 201)
+    cand = cand[(cand.min(axis=1) >= 0.02)]  # a share of 0 predicts an unbounded loss: keep the axis readable
+    if len(pts.sources) > 2:
+        cand = cand[np.argsort(cand[:, 0])]
     mshare = cand @ pts.membership
     total = np.zeros(len(cand))
     for j, (m, law) in enumerate(zip(pts.modalities, laws)):

@@ -32,6 +32,7 @@ from scipy.special import logsumexp
 from medfm.schema import ConfigError
 
 HUBER_DELTA = 1e-3
+FLAT = 1e-6  # an exponent at or below this is a flat direction of the law (the fit's lower bound is 0)
 
 
 # --------------------------------------------------------------------------------------------------- reading points
@@ -218,7 +219,7 @@ def compute_optimal(fit: LawFit, compute: np.ndarray, k_flops: float):
     """N*(C), D*(C), L*(C) of the joint law under ``C = k·N·D`` (closed form; see the module docstring)."""
     (A, B), (alpha, beta) = fit.coef, fit.exponents
     compute = np.asarray(compute, dtype=float)
-    if alpha <= 0 or beta <= 0:  # a flat direction: no interior optimum
+    if alpha <= FLAT or beta <= FLAT:  # a flat direction: no interior optimum
         nan = np.full_like(compute, np.nan)
         return nan, nan, nan
     g = (alpha * A / (beta * B)) ** (1.0 / (alpha + beta))
@@ -447,6 +448,11 @@ def _interval(values, level=0.95):
     return [float(lo), float(hi)]
 
 
+def _n_opt_exponent(alpha: float, beta: float) -> float:
+    """a in N* ∝ C^a of the joint law, β/(α+β); undefined (nan) when either direction is flat."""
+    return beta / (alpha + beta) if min(alpha, beta) > FLAT else math.nan
+
+
 def fit_all(points: Points, budgets: list[Budget] | None = None, n_boot: int = 200, seed: int = 0,
             names: tuple[str, str] = ("N", "D"), progress: bool = False,
             holdout: Points | None = None) -> tuple[ScalingReport, dict]:
@@ -492,8 +498,7 @@ def fit_all(points: Points, budgets: list[Budget] | None = None, n_boot: int = 2
         samples["alpha"].append(bj.exponents[0])
         samples["beta"].append(bj.exponents[1])
         samples["E"].append(bj.E)
-        s = sum(bj.exponents)
-        samples["a_N_exponent"].append(bj.exponents[1] / s if s > 0 else float("nan"))
+        samples["a_N_exponent"].append(_n_opt_exponent(*bj.exponents))
         for law, x, key in ((law_n, points.n, "alpha_N_only"), (law_d, points.d, "beta_D_only")):
             ex, ey = lower_envelope(x[idx], points.loss[idx])
             if law is not None and len(ex) >= 3:
@@ -526,7 +531,6 @@ def fit_all(points: Points, budgets: list[Budget] | None = None, n_boot: int = 2
             "a2_n_opt": float(n2_star[j]), "a2_n_opt_interval": _interval(arr2[:, 0]),
             "a2_d_opt": float(d2_star[j]), "a2_d_opt_interval": _interval(arr2[:, 1]),
         })
-    s = sum(joint.exponents)
     held = []
     if holdout is not None:
         logx = np.log(joint.predict(points.n, points.d)) - np.log(points.loss)
@@ -534,8 +538,8 @@ def fit_all(points: Points, budgets: list[Budget] | None = None, n_boot: int = 2
     report = ScalingReport(
         n_points=len(points.n), flops_factor=k_flops, flops_factor_source=k_source,
         law_n=asdict(law_n) if law_n else {}, law_d=asdict(law_d) if law_d else {},
-        joint={**asdict(joint), "n_opt_exponent": joint.exponents[1] / s if s > 0 else math.nan,
-               "d_opt_exponent": joint.exponents[0] / s if s > 0 else math.nan},
+        joint={**asdict(joint), "n_opt_exponent": _n_opt_exponent(*joint.exponents),
+               "d_opt_exponent": 1 - _n_opt_exponent(*joint.exponents)},
         intervals=intervals, bootstrap=len(samples["alpha"]), extrapolation=extrapolation,
         variables={"N": names[0], "D": names[1]}, approach2=a2, holdout=held, min_loss=float(points.loss.min()),
     )

@@ -550,6 +550,7 @@ def _run_slurm(sweep: SweepConfig, sweep_path: Path, base: Path, todo: list[Plan
         scripts = out / "slurm"
         scripts.mkdir(parents=True, exist_ok=True)
         write_resolved(cfg, p.run_dir)
+        (p.run_dir / "logs").mkdir(exist_ok=True)  # SLURM opens the jobs' --output files before the scripts run
         train_path, fin_path = scripts / f"{p.point.name}.sbatch", scripts / f"{p.point.name}.finalize.sbatch"
         for path, text in ((train_path, train), (fin_path, finalize)):
             path.write_text(text)

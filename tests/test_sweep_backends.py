@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import shlex
+import shutil
 import stat
 import subprocess
 import sys
@@ -178,3 +179,20 @@ def test_train_flops_is_what_the_trainer_recorded(tmp_path, monkeypatch, capsys)
     assert float(rows["w16__d4"]["train_flops"]) == 6000.0 and float(rows["w16__d8"]["train_flops"]) == 12000.0
     assert float(rows["w16__d8"]["flops_per_sample"]) == 1500.0
     assert float(rows["w16__d8"]["planned_train_flops"]) != 12000.0
+
+
+@pytest.mark.skipif(shutil.which("sbatch") is None, reason="no SLURM on this machine")
+def test_sweep_scripts_pass_sbatch_test_only(tmp_path, capsys):
+    path = _setup(tmp_path, backend="slurm", slurm={"gpus_per_node": 0})
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _stub(bin_dir, "sbatch", 'echo "1;c"\n')  # write the scripts without queueing anything
+    old = os.environ["PATH"]
+    os.environ["PATH"] = f"{bin_dir}:{old}"
+    try:
+        assert main(["sweep", str(path), "--only", "w16__d4"]) == 0
+    finally:
+        os.environ["PATH"] = old
+    for script in sorted((tmp_path / "out" / "slurm").iterdir()):
+        proc = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, (script.name, proc.stderr)

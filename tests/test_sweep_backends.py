@@ -196,3 +196,30 @@ def test_sweep_scripts_pass_sbatch_test_only(tmp_path, capsys):
     for script in sorted((tmp_path / "out" / "slurm").iterdir()):
         proc = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, (script.name, proc.stderr)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("sinfo") is None or shutil.which("sbatch") is None, reason="no SLURM cluster")
+def test_slurm_backend_runs_on_a_real_cluster(tmp_path):
+    """Training job (srun + torchrun from launch/slurm.py's script) then the afterok evaluation job, on whatever
+    SLURM cluster this machine has (CPU nodes): the point ends done in results.csv with the trainer's FLOPs."""
+    import time
+
+    path = _setup(tmp_path, backend="slurm", slurm={"gpus_per_node": 0})
+    sweep = yaml.safe_load(path.read_text())
+    sweep["budgets"] = sweep["budgets"][:1]
+    sweep["eval"]["split"] = "train"
+    path.write_text(yaml.safe_dump(sweep))
+    assert main(["sweep", str(path)]) == 0
+    results = tmp_path / "out" / "results.csv"
+
+    def rows():
+        return list(csv.DictReader(results.open()))
+
+    deadline = time.time() + 600
+    while rows()[0]["status"] != "done" and time.time() < deadline:  # the evaluation job rewrites results.csv
+        time.sleep(5)
+    logs = sorted((tmp_path / "out" / "runs" / "w16__d4" / "logs").glob("slurm-*.out"))
+    row = rows()[0]
+    assert row["status"] == "done", [p.read_text()[-500:] for p in logs]
+    assert float(row["train_flops"]) == float(row["planned_train_flops"]) and float(row["eval_loss"]) > 0

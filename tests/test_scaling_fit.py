@@ -126,6 +126,12 @@ def test_cli_fit_writes_plot_and_json(tmp_path, capsys):
     report = json.loads((tmp_path / "fit.json").read_text())
     assert report["n_points"] == 12 and report["extrapolation"][0]["name"] == "frontier"
     assert abs(report["joint"]["exponents"][0] - ALPHA) < 0.1
+    rc = main(["scaling", "fit", str(path), "--bootstrap", "10", "--holdout", "largest", "--json",
+               str(tmp_path / "holdout.json")])
+    out = capsys.readouterr().out
+    held = json.loads((tmp_path / "holdout.json").read_text())["holdout"]
+    assert rc == 0 and "holdout (fitted without these points" in out and len(held) >= 1
+    assert held[0]["name"] == "p11" and held[0]["interval"][0] < held[0]["interval"][1]  # the largest N·D point
 
 
 # ---------------------------------------------------------------------------------------------- approach 2, holdout

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from medfm.schema import ConfigError
+
 
 def _launch(args) -> int:
     from medfm.launch.launcher import launch
@@ -12,18 +14,38 @@ def _launch(args) -> int:
 
 
 def _sweep(args) -> int:
-    from medfm.launch.sweep import run_sweep
+    from medfm.launch.sweep import finalize, run_sweep, sweep_status
 
-    return run_sweep(args.sweep, dry_run=args.dry_run, only=args.only)
+    if args.sweep == "status":  # `medfm sweep status SWEEP.yaml`
+        if not args.target:
+            raise ConfigError("medfm sweep status: expected SWEEP.yaml")
+        return sweep_status(args.target)
+    if args.target:
+        raise ConfigError(f"medfm sweep: unexpected argument {args.target!r} (did you mean 'medfm sweep status "
+                          f"{args.target}'?)")
+    if args.finalize:
+        return finalize(args.sweep, args.finalize)
+    return run_sweep(args.sweep, dry_run=args.dry_run, only=args.only, backend=args.backend, resubmit=args.resubmit)
 
 
 def _scaling_fit(args) -> int:
-    from medfm.launch.scaling import fit_all, format_report, parse_budget, plot_fits, read_points, report_json
+    from medfm.launch.scaling import (
+        fit_all,
+        format_report,
+        parse_budget,
+        plot_fits,
+        read_points,
+        report_json,
+        split_holdout,
+    )
 
     points = read_points(args.results, n_col=args.n_col, d_col=args.d_col, loss_col=args.loss_col)
     budgets = [parse_budget(b) for b in args.budget]
+    held = None
+    if args.holdout:
+        points, held = split_holdout(points, args.holdout)
     report, fits = fit_all(points, budgets, n_boot=args.bootstrap, seed=args.seed, names=(args.n_col, args.d_col),
-                           progress=True)
+                           progress=True, holdout=held)
     print(format_report(report))
     if args.json:
         with open(args.json, "w") as fh:
@@ -31,6 +53,23 @@ def _scaling_fit(args) -> int:
         print(f"wrote {args.json}")
     if args.plot:
         print(f"wrote {plot_fits(points, fits, report, args.plot)}")
+    return 0
+
+
+def _scaling_mixture(args) -> int:
+    from medfm.launch.mixture import fit_mixture, format_mixture, mixture_json, plot_mixture, read_mixture_points
+
+    if not args.target_samples > 0:
+        raise ConfigError(f"--target-samples: expected a number > 0, got {args.target_samples}")
+    pts = read_mixture_points(args.results, size=args.size)
+    report, laws = fit_mixture(pts, args.target_samples, n_boot=args.bootstrap, seed=args.seed)
+    print(format_mixture(report))
+    if args.json:
+        with open(args.json, "w") as fh:
+            fh.write(mixture_json(report) + "\n")
+        print(f"wrote {args.json}")
+    if args.plot:
+        print(f"wrote {plot_mixture(pts, laws, report, args.plot)}")
     return 0
 
 
@@ -65,15 +104,23 @@ def add_cli(subparsers) -> None:
     s = subparsers.add_parser("sweep", help="run a model-size x data-budget grid for a scaling-law study",
                               description="Run every point of SWEEP.yaml as a normal launch (resumable: finished "
                                           "points are skipped) and collect final losses into one CSV.")
-    s.add_argument("sweep", help="sweep YAML (see configs/sweep_tiny.yaml)")
-    s.add_argument("--dry-run", action="store_true", help="list the points and their status; run nothing")
+    s.add_argument("sweep", help="sweep YAML (see configs/sweep_tiny.yaml), or 'status' followed by the YAML")
+    s.add_argument("target", nargs="?", default=None, help=argparse.SUPPRESS)
+    s.add_argument("--dry-run", action="store_true", help="list the points and their status (slurm: print the "
+                                                         "batch scripts); run and submit nothing")
     s.add_argument("--only", action="append", default=[], metavar="POINT", help="run only this point (repeatable)")
+    s.add_argument("--backend", choices=("local", "slurm", "emit"), default=None,
+                   help="where points run (default: the sweep's backend:, else local)")
+    s.add_argument("--resubmit", action="store_true", help="slurm: submit points that were submitted before")
+    s.add_argument("--finalize", default=None, metavar="POINT",
+                   help="evaluate a trained point and update results.csv (the slurm backend's second job)")
     s.set_defaults(func=_sweep)
 
     sc = subparsers.add_parser("scaling", help="scaling-law fits of sweep results")
     sc_sub = sc.add_subparsers(dest="scaling_command", metavar="COMMAND", parser_class=type(sc))
     sc_sub.required = True
-    f = sc_sub.add_parser("fit", help="fit L(N), L(D), L(N,D); compute-optimal frontier and extrapolation",
+    f = sc_sub.add_parser("fit", help="fit L(N), L(D), L(N,D) (approach 3) and IsoFLOP profiles (approach 2); "
+                          "compute-optimal frontier, extrapolation, holdout validation",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     f.add_argument("results", help="results CSV (as written by medfm sweep)")
     f.add_argument("--plot", default=None, metavar="OUT.png", help="write the points/fits/frontier figure")
@@ -84,6 +131,19 @@ def add_cli(subparsers) -> None:
     f.add_argument("--n-col", default="params", help="column holding model size N")
     f.add_argument("--d-col", default="samples", help="column holding data size D")
     f.add_argument("--loss-col", default="eval_loss", help="column holding the final loss")
+    f.add_argument("--holdout", action="append", default=[], metavar="largest|POINT[,POINT]",
+                   help="fit without these points (largest = the largest compute budget) and report their predicted "
+                        "vs measured loss with the 95%% prediction interval")
     f.add_argument("--bootstrap", type=int, default=200, help="bootstrap refits for the intervals")
     f.add_argument("--seed", type=int, default=0)
     f.set_defaults(func=_scaling_fit)
+    m = sc_sub.add_parser("mixture", help="per-modality held-out loss vs its samples; recommended source mixture",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m.add_argument("results", nargs="+", help="results CSV(s) of sweeps with weighted sources (see launch/mixture.py)")
+    m.add_argument("--target-samples", type=float, required=True, help="training samples of the run to plan")
+    m.add_argument("--size", default=None, help="use the points of this sweep size only (one model size)")
+    m.add_argument("--plot", default=None, metavar="OUT.png")
+    m.add_argument("--json", default=None, metavar="OUT.json")
+    m.add_argument("--bootstrap", type=int, default=200)
+    m.add_argument("--seed", type=int, default=0)
+    m.set_defaults(func=_scaling_mixture)

@@ -32,6 +32,7 @@ from scipy.special import logsumexp
 from medfm.schema import ConfigError
 
 HUBER_DELTA = 1e-3
+FLAT = 1e-6  # an exponent at or below this is a flat direction of the law (the fit's lower bound is 0)
 
 
 # --------------------------------------------------------------------------------------------------- reading points
@@ -44,6 +45,13 @@ class Points:
     loss: np.ndarray
     flops: np.ndarray | None = None
     labels: list[str] = field(default_factory=list)
+    groups: list[str] = field(default_factory=list)  # the sweep's budget name per point (IsoFLOP profiles)
+
+    def subset(self, idx) -> Points:
+        idx = np.asarray(idx, dtype=int)
+        return Points(self.n[idx], self.d[idx], self.loss[idx], None if self.flops is None else self.flops[idx],
+                      [self.labels[i] for i in idx] if self.labels else [],
+                      [self.groups[i] for i in idx] if self.groups else [])
 
 
 def read_points(path, n_col: str = "params", d_col: str = "samples", loss_col: str = "eval_loss",
@@ -68,7 +76,7 @@ def read_points(path, n_col: str = "params", d_col: str = "samples", loss_col: s
             hint_text = f" (did you mean '{hint[0]}'?)" if hint else f" (columns: {', '.join(header)})"
             raise ConfigError(f"{path}: missing column '{col}'{hint_text}")
     has_flops = flops_col in header
-    n, d, loss, flops, labels = [], [], [], [], []
+    n, d, loss, flops, labels, groups = [], [], [], [], [], []
     for i, row in enumerate(rows, start=2):  # line 1 is the header
         if row.get("status", "done") not in ("done", "", None):
             continue
@@ -91,9 +99,11 @@ def read_points(path, n_col: str = "params", d_col: str = "samples", loss_col: s
             except ValueError:
                 flops.append(float("nan"))
         labels.append(row.get("name") or f"line{i}")
+        groups.append(row.get("budget") or "")
     if len(n) < 6:
         raise ConfigError(f"{path}: {len(n)} finished points; the joint law has 5 parameters, so at least 6 are needed")
-    points = Points(np.array(n), np.array(d), np.array(loss), np.array(flops) if has_flops else None, labels)
+    points = Points(np.array(n), np.array(d), np.array(loss), np.array(flops) if has_flops else None, labels,
+                    groups if any(groups) else [])
     if len(np.unique(points.n)) < 2 or len(np.unique(points.d)) < 2:
         raise ConfigError(f"{path}: need at least 2 distinct values of '{n_col}' and of '{d_col}'")
     return points
@@ -209,7 +219,7 @@ def compute_optimal(fit: LawFit, compute: np.ndarray, k_flops: float):
     """N*(C), D*(C), L*(C) of the joint law under ``C = k·N·D`` (closed form; see the module docstring)."""
     (A, B), (alpha, beta) = fit.coef, fit.exponents
     compute = np.asarray(compute, dtype=float)
-    if alpha <= 0 or beta <= 0:  # a flat direction: no interior optimum
+    if alpha <= FLAT or beta <= FLAT:  # a flat direction: no interior optimum
         nan = np.full_like(compute, np.nan)
         return nan, nan, nan
     g = (alpha * A / (beta * B)) ** (1.0 / (alpha + beta))
@@ -247,6 +257,171 @@ def parse_budget(text: str) -> Budget:
     return Budget(name or f"{flops:.3g}", flops)
 
 
+# --------------------------------------------------------------------------------------------------- approach 2
+def point_compute(points: Points, k_flops: float) -> np.ndarray:
+    """Training compute of each point: the trainer's recorded ``train_flops`` where the table has it, else k·N·D."""
+    c = k_flops * points.n * points.d
+    if points.flops is not None:
+        ok = np.isfinite(points.flops) & (points.flops > 0)
+        c = np.where(ok, points.flops, c)
+    return c
+
+
+def isoflop_groups(points: Points, compute: np.ndarray, rel_tol: float = 0.25) -> list[np.ndarray]:
+    """Indices of the points of each compute budget. The sweep's ``budget`` column groups them when every group's
+    compute is the same within ``rel_tol`` (a ``compute:`` budget: whole batches round it a little); otherwise points
+    are clustered by compute within ``rel_tol`` (a ``samples:`` budget spends different compute per model size)."""
+    if points.groups:
+        out = [np.array([i for i, g in enumerate(points.groups) if g == name]) for name in dict.fromkeys(points.groups)]
+        if all(compute[g].max() / compute[g].min() <= 1 + rel_tol for g in out):
+            return out
+    order = np.argsort(compute)
+    out, cur = [], [order[0]]
+    for i in order[1:]:
+        if compute[i] / compute[cur[0]] <= 1 + rel_tol:
+            cur.append(i)
+        else:
+            out.append(np.array(cur))
+            cur = [i]
+    out.append(np.array(cur))
+    return out
+
+
+@dataclass
+class IsoFlopProfile:
+    compute: float      # geometric mean of the group's compute
+    n_points: int
+    n_opt: float        # loss-minimising N of the parabola in log N (nan without an interior minimum)
+    loss_opt: float
+    bracketed: bool     # the minimum lies inside the sampled N range
+    curvature: float    # the parabola's coefficient of (log N)^2 (> 0 for a minimum)
+
+
+def isoflop_profile(n: np.ndarray, loss: np.ndarray, compute: float) -> IsoFlopProfile:
+    """Chinchilla approach 2 for one budget: ``log L = a·(log N)² + b·log N + c``, minimum at ``log N = -b/2a``."""
+    x, y = np.log(n), np.log(loss)
+    if len(np.unique(x)) < 3:
+        return IsoFlopProfile(compute, len(n), math.nan, math.nan, False, math.nan)
+    a, b, c = np.polyfit(x, y, 2)
+    if a <= 0:
+        return IsoFlopProfile(compute, len(n), math.nan, math.nan, False, float(a))
+    x_opt = -b / (2 * a)
+    return IsoFlopProfile(compute, len(n), float(math.exp(x_opt)), float(math.exp(a * x_opt**2 + b * x_opt + c)),
+                          bool(x.min() <= x_opt <= x.max()), float(a))
+
+
+def _power_fit(c: np.ndarray, n_opt: np.ndarray) -> tuple[float, float]:
+    """``N* = G·C^a`` by least squares in log space -> (a, log G)."""
+    a, log_g = np.polyfit(np.log(c), np.log(n_opt), 1)
+    return float(a), float(log_g)
+
+
+def approach2(points: Points, compute: np.ndarray) -> dict:
+    """IsoFLOP profiles and the power law N*(C) through their minima (only bracketed minima are used)."""
+    profiles = [isoflop_profile(points.n[g], points.loss[g], float(np.exp(np.log(compute[g]).mean())))
+                for g in isoflop_groups(points, compute)]
+    used = [p for p in profiles if p.bracketed]
+    out = {"profiles": [asdict(p) for p in profiles], "n_used": len(used), "a": math.nan, "log_g": math.nan}
+    if len(used) >= 2:
+        out["a"], out["log_g"] = _power_fit(np.array([p.compute for p in used]), np.array([p.n_opt for p in used]))
+    return out
+
+
+def approach2_optimum(fit: dict, compute, k_flops: float):
+    """N*(C) and D*(C) = C / (k·N*) of an approach-2 fit (nan when it has no exponent)."""
+    compute = np.asarray(compute, dtype=float)
+    if not math.isfinite(fit["a"]):
+        return np.full_like(compute, np.nan), np.full_like(compute, np.nan)
+    n_opt = np.exp(fit["log_g"]) * compute ** fit["a"]
+    return n_opt, compute / (k_flops * n_opt)
+
+
+# --------------------------------------------------------------------------------------------------- holdout
+def split_holdout(points: Points, spec: list[str], k_flops: float | None = None) -> tuple[Points, Points]:
+    """``largest``: the point(s) of the largest compute budget (the IsoFLOP group of the largest point, or the
+    single largest point when budgets are not shared); otherwise point names. Returns (fit set, held-out set)."""
+    k = k_flops if k_flops is not None else estimate_flops_factor(points)[0]
+    compute = point_compute(points, k)
+    names = [x for item in spec for x in item.split(",") if x]
+    if names == ["largest"]:
+        groups = isoflop_groups(points, compute)
+        top = max(groups, key=lambda g: compute[g].max())
+        held = list(top) if len(top) < len(points.n) - 5 else [int(np.argmax(compute))]
+    else:
+        unknown = [x for x in names if x not in points.labels]
+        if unknown:
+            raise ConfigError(f"--holdout {unknown[0]!r}: no finished point of that name (points: "
+                              f"{', '.join(points.labels)})")
+        held = [points.labels.index(x) for x in names]
+    rest = [i for i in range(len(points.n)) if i not in held]
+    if len(rest) < 6:
+        raise ConfigError(f"--holdout: {len(rest)} points left to fit; the joint law needs at least 6")
+    fit_set = points.subset(rest)
+    if len(np.unique(fit_set.n)) < 2 or len(np.unique(fit_set.d)) < 2:
+        raise ConfigError("--holdout: the remaining points need at least 2 distinct N and 2 distinct D")
+    return fit_set, points.subset(held)
+
+
+def holdout_report(held: Points, joint: LawFit, boot_preds: list[np.ndarray], residuals: np.ndarray,
+                   seed: int = 0, level: float = 0.95) -> list[dict]:
+    """Predicted vs measured loss of each held-out point. The prediction interval combines the fit's uncertainty
+    (the bootstrap refits' predictions ``L_b``) with the scatter of a single point around the law: ``L_b · exp(ε)``,
+    ``ε ~ N(0, s²)``, ``s`` = the fit's log-residual RMS with the degrees-of-freedom correction ``sqrt(n / (n − 5))``
+    (a 5-parameter fit's residuals are smaller than the noise); percentiles over (b, ε)."""
+    pred = joint.predict(held.n, held.d)
+    rng = np.random.default_rng(seed)
+    n = len(residuals)
+    scale = float(np.sqrt(np.sum(residuals**2) / max(1, n - 5))) if n else math.nan
+    boot = np.array(boot_preds) if boot_preds else np.full((0, len(held.n)), np.nan)
+    out = []
+    for j in range(len(held.n)):
+        col = boot[:, j][np.isfinite(boot[:, j])] if len(boot) else np.array([])
+        if len(col) >= 2 and len(residuals):
+            draws = col[:, None] * np.exp(rng.normal(0.0, scale, size=(len(col), 50)))
+            lo, hi = _interval(draws.ravel(), level)
+        else:
+            lo, hi = math.nan, math.nan
+        out.append({"name": held.labels[j] if held.labels else f"holdout{j}", "n": float(held.n[j]),
+                    "d": float(held.d[j]), "measured": float(held.loss[j]), "predicted": float(pred[j]),
+                    "interval": [lo, hi], "rel_error": float(pred[j] / held.loss[j] - 1),
+                    "inside": bool(lo <= held.loss[j] <= hi)})
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- identifiability
+EXPONENT_BOUND = 5.0  # fit_law's bound on every exponent
+
+
+def identification_warnings(report) -> list[str]:
+    """Plain sentences for what the data cannot identify (an empty list when every quantity is pinned down)."""
+    out = []
+    iv, j = report.intervals, report.joint
+    for key, name, value in (("alpha", "α (the N exponent)", j["exponents"][0]),
+                             ("beta", "β (the D exponent)", j["exponents"][1])):
+        lo, hi = iv.get(key, [math.nan, math.nan])
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            out.append(f"{name}: no bootstrap interval (too few usable refits), so the data do not identify it")
+        elif hi >= EXPONENT_BOUND - 1e-3 or lo <= 1e-3 or value >= EXPONENT_BOUND - 1e-3 or value <= 1e-3:
+            out.append(f"{name} is not identified by these points: its estimate or interval [{lo:.3g}, {hi:.3g}] "
+                       f"reaches the fit's bound (0 or {EXPONENT_BOUND:g})")
+        elif hi - lo > max(0.5, abs(value)):
+            out.append(f"{name} is poorly identified: interval [{lo:.3g}, {hi:.3g}] is wider than the estimate")
+    if j["E"] < 1e-3 * report.min_loss:
+        out.append(f"E (irreducible loss) → {j['E']:.3g}: the points do not reach the loss floor, so E is not "
+                   "identified and the exponents absorb it")
+    a2 = report.approach2
+    if a2["n_used"] < 2:
+        nb = sum(not p["bracketed"] for p in a2["profiles"])
+        out.append(f"approach 2: {a2['n_used']} of {len(a2['profiles'])} compute budgets have a loss minimum inside "
+                   f"their sampled N range ({nb} not bracketed), so the IsoFLOP exponent is not identified (needs 2+)")
+    else:
+        lo, hi = iv.get("a2_exponent", [math.nan, math.nan])
+        if not (math.isfinite(lo) and math.isfinite(hi)) or hi - lo > 0.5:
+            out.append(f"approach 2: the N*(C) exponent's interval [{lo:.3g}, {hi:.3g}] is too wide to identify it")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- full study
 @dataclass
 class ScalingReport:
     n_points: int
@@ -257,39 +432,57 @@ class ScalingReport:
     joint: dict
     intervals: dict          # name -> [lo, hi] (bootstrap percentile)
     bootstrap: int
-    extrapolation: list      # per budget: C, N*, D*, L* with intervals
+    extrapolation: list      # per budget: C, N*, D*, L* (approach 3) and N*, D* (approach 2) with intervals
     variables: dict
+    approach2: dict = field(default_factory=dict)
+    holdout: list = field(default_factory=list)   # per held-out point: measured, predicted, interval
+    min_loss: float = math.nan
+    warnings: list = field(default_factory=list)  # what the data cannot identify, in words
 
 
 def _interval(values, level=0.95):
-    values = np.asarray([v for v in values if np.isfinite(v)])
+    values = np.asarray([v for v in np.ravel(values) if np.isfinite(v)])
     if len(values) < 2:
         return [float("nan"), float("nan")]
     lo, hi = np.percentile(values, [50 * (1 - level), 50 * (1 + level)])
     return [float(lo), float(hi)]
 
 
-def fit_all(points: Points, budgets: list[Budget] | None = None, n_boot: int = 200, seed: int = 0,
-            names: tuple[str, str] = ("N", "D"), progress: bool = False) -> tuple[ScalingReport, dict]:
-    """Fit the three laws, bootstrap their exponents and extrapolate the compute-optimal frontier to ``budgets``.
+def _n_opt_exponent(alpha: float, beta: float) -> float:
+    """a in N* ∝ C^a of the joint law, β/(α+β); undefined (nan) when either direction is flat."""
+    return beta / (alpha + beta) if min(alpha, beta) > FLAT else math.nan
 
-    Returns the report (JSON-able) and the fitted LawFit objects (for plotting)."""
+
+def fit_all(points: Points, budgets: list[Budget] | None = None, n_boot: int = 200, seed: int = 0,
+            names: tuple[str, str] = ("N", "D"), progress: bool = False,
+            holdout: Points | None = None) -> tuple[ScalingReport, dict]:
+    """Fit the three laws (approach 3) and the IsoFLOP profiles (approach 2), bootstrap both, extrapolate the
+    compute-optimal frontier to ``budgets`` and, with ``holdout``, predict the held-out points.
+
+    Returns the report (JSON-able) and the fitted objects (for plotting)."""
     k_flops, k_source = estimate_flops_factor(points)
+    compute = point_compute(points, k_flops)
     env_n = lower_envelope(points.n, points.loss)
     env_d = lower_envelope(points.d, points.loss)
     law_n = fit_law([env_n[0]], env_n[1], (names[0],)) if len(env_n[0]) >= 3 else None
     law_d = fit_law([env_d[0]], env_d[1], (names[1],)) if len(env_d[0]) >= 3 else None
     joint = fit_law([points.n, points.d], points.loss, names)
+    a2 = approach2(points, compute)
     if not budgets:
-        c_max = float((k_flops * points.n * points.d).max())
+        c_max = float(max(compute.max(), (k_flops * points.n * points.d).max()))
         budgets = [Budget("100x-largest-point", 100 * c_max)]
     c_budget = np.array([b.flops for b in budgets])
     n_star, d_star, l_star = compute_optimal(joint, c_budget, k_flops)
+    n2_star, d2_star = approach2_optimum(a2, c_budget, k_flops)
 
     # Bootstrap: resample points with replacement and refit.
     rng = np.random.default_rng(seed)
-    samples: dict[str, list] = {k: [] for k in ("alpha", "beta", "E", "a_N_exponent", "alpha_N_only", "beta_D_only")}
+    samples: dict[str, list] = {k: [] for k in ("alpha", "beta", "E", "a_N_exponent", "alpha_N_only", "beta_D_only",
+                                                "a2_exponent")}
     star_samples = [[] for _ in budgets]
+    star2_samples = [[] for _ in budgets]
+    boot_preds = []
+    groups = isoflop_groups(points, compute)
     iterator = range(n_boot)
     if progress:
         from tqdm import tqdm
@@ -305,8 +498,7 @@ def fit_all(points: Points, budgets: list[Budget] | None = None, n_boot: int = 2
         samples["alpha"].append(bj.exponents[0])
         samples["beta"].append(bj.exponents[1])
         samples["E"].append(bj.E)
-        s = sum(bj.exponents)
-        samples["a_N_exponent"].append(bj.exponents[1] / s if s > 0 else float("nan"))
+        samples["a_N_exponent"].append(_n_opt_exponent(*bj.exponents))
         for law, x, key in ((law_n, points.n, "alpha_N_only"), (law_d, points.d, "beta_D_only")):
             ex, ey = lower_envelope(x[idx], points.loss[idx])
             if law is not None and len(ex) >= 3:
@@ -314,27 +506,51 @@ def fit_all(points: Points, budgets: list[Budget] | None = None, n_boot: int = 2
         bn, bd, bl = compute_optimal(bj, c_budget, k_flops)
         for j in range(len(budgets)):
             star_samples[j].append((bn[j], bd[j], bl[j]))
+        if holdout is not None:
+            boot_preds.append(bj.predict(holdout.n, holdout.d))
+        # Approach 2: resample within each budget (a budget keeps its points' N values on average).
+        bidx = np.concatenate([rng.choice(g, len(g)) for g in groups])
+        b2 = approach2(Points(points.n[bidx], points.d[bidx], points.loss[bidx],
+                              None if points.flops is None else points.flops[bidx],
+                              groups=[points.groups[i] for i in bidx] if points.groups else []), compute[bidx])
+        samples["a2_exponent"].append(b2["a"])
+        b2n, b2d = approach2_optimum(b2, c_budget, k_flops)
+        for j in range(len(budgets)):
+            star2_samples[j].append((b2n[j], b2d[j]))
 
     intervals = {k: _interval(v) for k, v in samples.items()}
     extrapolation = []
     for j, b in enumerate(budgets):
         arr = np.array(star_samples[j]) if star_samples[j] else np.full((0, 3), np.nan)
+        arr2 = np.array(star2_samples[j]) if star2_samples[j] else np.full((0, 2), np.nan)
         extrapolation.append({
             "name": b.name, "compute": b.flops,
-            "n_opt": float(n_star[j]), "n_opt_interval": _interval(arr[:, 0]) if len(arr) else [math.nan] * 2,
-            "d_opt": float(d_star[j]), "d_opt_interval": _interval(arr[:, 1]) if len(arr) else [math.nan] * 2,
-            "loss": float(l_star[j]), "loss_interval": _interval(arr[:, 2]) if len(arr) else [math.nan] * 2,
+            "n_opt": float(n_star[j]), "n_opt_interval": _interval(arr[:, 0]),
+            "d_opt": float(d_star[j]), "d_opt_interval": _interval(arr[:, 1]),
+            "loss": float(l_star[j]), "loss_interval": _interval(arr[:, 2]),
+            "a2_n_opt": float(n2_star[j]), "a2_n_opt_interval": _interval(arr2[:, 0]),
+            "a2_d_opt": float(d2_star[j]), "a2_d_opt_interval": _interval(arr2[:, 1]),
         })
-    s = sum(joint.exponents)
+    held = []
+    if holdout is not None:
+        logx = np.log(joint.predict(points.n, points.d)) - np.log(points.loss)
+        held = holdout_report(holdout, joint, boot_preds, -logx, seed=seed)
     report = ScalingReport(
         n_points=len(points.n), flops_factor=k_flops, flops_factor_source=k_source,
         law_n=asdict(law_n) if law_n else {}, law_d=asdict(law_d) if law_d else {},
-        joint={**asdict(joint), "n_opt_exponent": joint.exponents[1] / s if s > 0 else math.nan,
-               "d_opt_exponent": joint.exponents[0] / s if s > 0 else math.nan},
+        joint={**asdict(joint), "n_opt_exponent": _n_opt_exponent(*joint.exponents),
+               "d_opt_exponent": 1 - _n_opt_exponent(*joint.exponents)},
         intervals=intervals, bootstrap=len(samples["alpha"]), extrapolation=extrapolation,
-        variables={"N": names[0], "D": names[1]},
+        variables={"N": names[0], "D": names[1]}, approach2=a2, holdout=held, min_loss=float(points.loss.min()),
     )
-    return report, {"law_n": law_n, "law_d": law_d, "joint": joint, "k_flops": k_flops, "budgets": budgets}
+    report.warnings = identification_warnings(report)
+    return report, {"law_n": law_n, "law_d": law_d, "joint": joint, "k_flops": k_flops, "budgets": budgets,
+                    "compute": compute, "holdout": holdout}
+
+
+def _iv(pair, fmt=".3g") -> str:
+    lo, hi = pair
+    return f"[{lo:{fmt}}, {hi:{fmt}}]" if math.isfinite(lo) and math.isfinite(hi) else "[not identified]"
 
 
 def format_report(report: ScalingReport) -> str:
@@ -345,23 +561,41 @@ def format_report(report: ScalingReport) -> str:
     if report.law_n:
         ln = report.law_n
         lines.append(f"L(N)   = {ln['E']:.4g} + {ln['coef'][0]:.4g}·N^-{ln['exponents'][0]:.3f}"
-                     f"   α ∈ [{iv['alpha_N_only'][0]:.3f}, {iv['alpha_N_only'][1]:.3f}]   rmse(log) {ln['rmse_log']:.4f}")
+                     f"   α ∈ {_iv(iv['alpha_N_only'])}   rmse(log) {ln['rmse_log']:.4f}")
     if report.law_d:
         ld = report.law_d
         lines.append(f"L(D)   = {ld['E']:.4g} + {ld['coef'][0]:.4g}·D^-{ld['exponents'][0]:.3f}"
-                     f"   β ∈ [{iv['beta_D_only'][0]:.3f}, {iv['beta_D_only'][1]:.3f}]   rmse(log) {ld['rmse_log']:.4f}")
-    lines.append(f"L(N,D) = {j['E']:.4g} + {j['coef'][0]:.4g}/N^{j['exponents'][0]:.3f} + "
+                     f"   β ∈ {_iv(iv['beta_D_only'])}   rmse(log) {ld['rmse_log']:.4f}")
+    lines.append(f"approach 3: L(N,D) = {j['E']:.4g} + {j['coef'][0]:.4g}/N^{j['exponents'][0]:.3f} + "
                  f"{j['coef'][1]:.4g}/D^{j['exponents'][1]:.3f}   rmse(log) {j['rmse_log']:.4f}")
-    lines.append(f"         α ∈ [{iv['alpha'][0]:.3f}, {iv['alpha'][1]:.3f}]  β ∈ [{iv['beta'][0]:.3f}, "
-                 f"{iv['beta'][1]:.3f}]  E ∈ [{iv['E'][0]:.4g}, {iv['E'][1]:.4g}]")
-    lines.append(f"compute-optimal (C = {report.flops_factor:.3g}·N·D, {report.flops_factor_source}): "
-                 f"N* ∝ C^{j['n_opt_exponent']:.3f} [{iv['a_N_exponent'][0]:.3f}, {iv['a_N_exponent'][1]:.3f}], "
+    lines.append(f"         α ∈ {_iv(iv['alpha'])}  β ∈ {_iv(iv['beta'])}  E ∈ {_iv(iv['E'], '.4g')}")
+    a2 = report.approach2
+    lines.append(f"approach 2: {len(a2['profiles'])} IsoFLOP budgets, {a2['n_used']} with a bracketed minimum")
+    for p in a2["profiles"]:
+        where = "inside" if p["bracketed"] else "OUTSIDE the sampled N range (not used)"
+        nopt = f"N_opt={p['n_opt']:.3g} ({where})" if math.isfinite(p["n_opt"]) else "no interior minimum (not used)"
+        lines.append(f"  C={p['compute']:.3g}: {p['n_points']} points, {nopt}")
+    lines.append(f"compute-optimal (C = {report.flops_factor:.3g}·N·D, {report.flops_factor_source}):")
+    lines.append(f"  approach 3: N* ∝ C^{j['n_opt_exponent']:.3f} {_iv(iv['a_N_exponent'])}, "
                  f"D* ∝ C^{j['d_opt_exponent']:.3f}")
+    lines.append(f"  approach 2: N* ∝ C^{a2['a']:.3f} {_iv(iv['a2_exponent'])}, D* ∝ C^{1 - a2['a']:.3f}")
     for e in report.extrapolation:
-        lines.append(f"  {e['name']}: C={e['compute']:.3g}  N*={e['n_opt']:.3g} [{e['n_opt_interval'][0]:.3g}, "
-                     f"{e['n_opt_interval'][1]:.3g}]  D*={e['d_opt']:.3g} [{e['d_opt_interval'][0]:.3g}, "
-                     f"{e['d_opt_interval'][1]:.3g}]  L*={e['loss']:.4g} [{e['loss_interval'][0]:.4g}, "
-                     f"{e['loss_interval'][1]:.4g}]")
+        lines.append(f"  {e['name']}: C={e['compute']:.3g}  approach 3: N*={e['n_opt']:.3g} {_iv(e['n_opt_interval'])}"
+                     f"  D*={e['d_opt']:.3g} {_iv(e['d_opt_interval'])}  L*={e['loss']:.4g} "
+                     f"{_iv(e['loss_interval'], '.4g')}")
+        pad = " " * len(f"{e['name']}: C={e['compute']:.3g}")
+        lines.append(f"  {pad}  approach 2: "
+                     f"N*={e['a2_n_opt']:.3g} {_iv(e['a2_n_opt_interval'])}  D*={e['a2_d_opt']:.3g} "
+                     f"{_iv(e['a2_d_opt_interval'])}")
+    if report.holdout:
+        lines.append("holdout (fitted without these points; approach 3 prediction, 95% prediction interval):")
+        for h in report.holdout:
+            lines.append(f"  {h['name']}: measured {h['measured']:.4g}  predicted {h['predicted']:.4g} "
+                         f"{_iv(h['interval'], '.4g')}  error {100 * h['rel_error']:+.1f}%  "
+                         f"{'inside' if h['inside'] else 'OUTSIDE'} the interval")
+    if report.warnings:
+        lines.append("what these points cannot identify:")
+        lines += [f"  - {w}" for w in report.warnings]
     return "\n".join(lines)
 
 
@@ -400,9 +634,95 @@ def _plain_log_labels(ax) -> None:
     ax.xaxis.set_minor_formatter(FuncFormatter(twos_and_fives))
 
 
+def _plot_isoflop(ax, points: Points, fits: dict, report: ScalingReport, cmap) -> None:
+    """Approach 2: loss vs N per compute budget with its parabola in log N and the minimum (open if unbracketed)."""
+    compute = fits["compute"]
+    groups = isoflop_groups(points, compute)
+    for i, (g, prof) in enumerate(zip(groups, report.approach2["profiles"])):
+        color = cmap(i / max(1, len(groups) - 1))
+        ax.scatter(points.n[g], points.loss[g], color=color, zorder=3, label=f"C={prof['compute']:.3g}")
+        if len(np.unique(points.n[g])) >= 3:
+            coef = np.polyfit(np.log(points.n[g]), np.log(points.loss[g]), 2)
+            xs = np.geomspace(points.n[g].min() / 1.3, points.n[g].max() * 1.3, 100)
+            ax.plot(xs, np.exp(np.polyval(coef, np.log(xs))), color=color, lw=1)
+        if math.isfinite(prof["n_opt"]):
+            ax.plot([prof["n_opt"]], [prof["loss_opt"]], "D", color=color, ms=8,
+                    mfc=color if prof["bracketed"] else "none")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    _plain_log_labels(ax)
+    ax.set_xlabel(report.variables["N"])
+    ax.set_ylabel("final loss")
+    ax.set_title("approach 2: IsoFLOP profiles (◆ minimum; open = outside sampled N)")
+    ax.legend(fontsize=7)
+
+
+def _plot_optimum(ax, fits: dict, report: ScalingReport) -> None:
+    """N*(C) of both approaches over the sweep's budgets and the extrapolation, with bootstrap intervals."""
+    k = fits["k_flops"]
+    prof = [p for p in report.approach2["profiles"] if p["bracketed"]]
+    c_lo = min([p["compute"] for p in report.approach2["profiles"]] + [e["compute"] for e in report.extrapolation])
+    c_hi = max([p["compute"] for p in report.approach2["profiles"]] + [e["compute"] for e in report.extrapolation])
+    cs = np.geomspace(c_lo / 2, c_hi * 2, 100)
+    n3, _, _ = compute_optimal(fits["joint"], cs, k)
+    n2, _ = approach2_optimum(report.approach2, cs, k)
+    n3 = np.where(np.isfinite(n3) & (n3 > 0), n3, np.nan)
+    if not (np.isfinite(n3).any() or np.isfinite(n2).any() or prof):
+        ax.text(0.5, 0.5, "N*(C) not identified by either approach\n(see the report's warnings)", ha="center",
+                va="center", transform=ax.transAxes)
+        ax.set_title("N*(C): both approaches")
+        return
+    if np.isfinite(n3).any():
+        ax.plot(cs, n3, "r-", label="approach 3 (joint law)")
+    if np.isfinite(n2).any():
+        ax.plot(cs, n2, "b--", label="approach 2 (IsoFLOP minima)")
+    if prof:
+        ax.scatter([p["compute"] for p in prof], [p["n_opt"] for p in prof], color="b", zorder=3)
+    for e in report.extrapolation:
+        for key, color, dx in (("n_opt", "r", 1.0), ("a2_n_opt", "b", 1.15)):
+            lo, hi = e[f"{key}_interval"]
+            if all(math.isfinite(v) and v > 0 for v in (e[key], lo, hi)):
+                ax.errorbar([e["compute"] * dx], [e[key]], yerr=[[max(0.0, e[key] - lo)], [max(0.0, hi - e[key])]],
+                            fmt="*", color=color, ms=10, capsize=4)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("compute C (FLOPs)")
+    ax.set_ylabel(f"compute-optimal {report.variables['N']}")
+    ax.set_title("N*(C): both approaches, 95% bootstrap intervals")
+    ax.legend(fontsize=7)
+
+
+def _plot_holdout(ax, report: ScalingReport) -> None:
+    """Predicted (with the 95% prediction interval) vs measured loss of the held-out points."""
+    if not report.holdout:
+        ax.text(0.5, 0.5, "no holdout\n(medfm scaling fit --holdout largest)", ha="center", va="center",
+                transform=ax.transAxes)
+        ax.set_axis_off()
+        return
+    meas = np.array([h["measured"] for h in report.holdout])
+    pred = np.array([h["predicted"] for h in report.holdout])
+    lo = np.array([h["interval"][0] for h in report.holdout])
+    hi = np.array([h["interval"][1] for h in report.holdout])
+    inside = np.array([h["inside"] for h in report.holdout])
+    yerr = np.nan_to_num(np.stack([np.maximum(0, pred - lo), np.maximum(0, hi - pred)]))
+    for sel, color, label in ((inside, "g", "measured inside interval"), (~inside, "r", "measured OUTSIDE")):
+        if sel.any():
+            ax.errorbar(meas[sel], pred[sel], yerr=yerr[:, sel], fmt="o", color=color, capsize=4, label=label)
+    span = [min(meas.min(), np.nanmin(lo)) * 0.98, max(meas.max(), np.nanmax(hi)) * 1.02]
+    ax.plot(span, span, "k:", lw=1, label="predicted = measured")
+    for h in report.holdout:
+        ax.annotate(h["name"], (h["measured"], h["predicted"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    err = np.mean(np.abs(pred / meas - 1)) * 100
+    ax.set_xlabel("measured loss (held out)")
+    ax.set_ylabel("predicted loss (fit without them)")
+    ax.set_title(f"holdout: mean |error| {err:.1f}%, {inside.sum()}/{len(inside)} inside")
+    ax.legend(fontsize=7)
+
+
 def plot_fits(points: Points, fits: dict, report: ScalingReport, out) -> Path:
-    """Three panels: loss vs N (one colour per D, joint-law curves, the L(N) envelope law), loss vs D, and the
-    compute frontier L*(C) with the extrapolated budgets and their intervals."""
+    """Six panels: loss vs N (one colour per D, joint-law curves, the L(N) envelope law), loss vs D, the compute
+    frontier L*(C) with the extrapolated budgets; approach 2's IsoFLOP profiles, N*(C) of both approaches, and the
+    holdout check (predicted vs measured with prediction intervals)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -411,7 +731,8 @@ def plot_fits(points: Points, fits: dict, report: ScalingReport, out) -> Path:
 
     out = Path(out)
     joint, k_flops = fits["joint"], fits["k_flops"]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    fig, grid_axes = plt.subplots(2, 3, figsize=(16, 9.6))
+    axes = grid_axes[0]
     cmap = plt.get_cmap("viridis")
     for ax, x, other, xname, oname, law in (
         (axes[0], points.n, points.d, report.variables["N"], report.variables["D"], fits["law_n"]),
@@ -460,6 +781,9 @@ def plot_fits(points: Points, fits: dict, report: ScalingReport, out) -> Path:
     ax.set_ylabel("final loss")
     ax.set_title("compute frontier and extrapolation")
     ax.legend(fontsize=7)
+    _plot_isoflop(grid_axes[1][0], points, fits, report, cmap)
+    _plot_optimum(grid_axes[1][1], fits, report)
+    _plot_holdout(grid_axes[1][2], report)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)

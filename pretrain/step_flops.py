@@ -34,3 +34,50 @@ def analytic_micro_step_flops(module, model_cfg, batch: dict, names) -> float:
                                        decoder_depth=d.depth, decoder_mlp_ratio=d.mlp_ratio)
         total += train_flops(per_sample) * x.shape[0]
     return float(total)
+
+
+def planned_sample_flops(run_cfg) -> float:
+    """fwd + bwd FLOPs of one training sample of ``run_cfg``, known before it runs: the a-priori side of the
+    ``train_flops`` the loop records (sweeps turn a compute budget into a sample count with it).
+
+    MAE objectives use the same formula as the ``analytic`` source above, at the collate config's input shape and the
+    objective's mask ratio, so for an all-MAE run it equals the recorded ``train_flops / samples_seen``. Other
+    objectives are recorded by the ``counter`` source, which also sees heads, losses and decoders: here each of their
+    towers counts one full forward (model_zoo's formula) x 3, a lower bound of what the counter records."""
+    import torch
+
+    from medfm.model_zoo import build_multimodal
+    from medfm.model_zoo.flops import forward_flops
+    from medfm.pretrain.objectives import DEFAULT_MASK_RATIO
+
+    with torch.device("meta"):
+        model = build_multimodal(run_cfg.model)
+    col = run_cfg.data.collate
+
+    def shape(modality, tower):
+        cfg = tower.cfg
+        if modality == "image" and col.image_size:
+            return (col.image_channels or cfg.in_chans, *col.image_size)
+        if modality == "volume" and col.volume_size:
+            return (cfg.in_chans, *col.volume_size)
+        if modality == "signal" and col.signal_length:
+            return (col.signal_leads or cfg.n_leads, col.signal_length)
+        if modality == "ehr":
+            return (col.ehr_max_events,)
+        if modality == "text":
+            return (col.text_max_tokens,)
+        return None
+
+    total, plain = 0, set()
+    dec = run_cfg.model.mae_decoder
+    for o in run_cfg.objectives:
+        if o.kind == "mae":
+            m = o.modalities[0]
+            ratio = o.mask_ratio if o.mask_ratio is not None else DEFAULT_MASK_RATIO[m]
+            total += mae_forward_flops(model.towers[m], ratio, shape(m, model.towers[m]), dec.width, dec.depth,
+                                       dec.mlp_ratio)
+        else:
+            plain.update(o.modalities)
+    for m in plain:  # each tower's full forward once per step (shared between objectives by the step cache)
+        total += forward_flops(model.towers[m], shape(m, model.towers[m]))
+    return float(train_flops(total))

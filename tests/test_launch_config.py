@@ -170,13 +170,13 @@ def test_sweep_plan_dry_run(capsys, config, tmp_path):
     from medfm.launch.sweep import load_sweep, plan_points
 
     sweep, base = load_sweep(_sweep(tmp_path, config))
-    planned = {p.name: facts for p, _, _, facts in plan_points(sweep, base)}
+    planned = {p.point.name: p.facts for p in plan_points(sweep, base)}
     assert sorted(planned) == ["w16__c", "w16__d32", "w64__c", "w64__d32"]
     assert planned["w64__d32"]["params"] > planned["w16__d32"]["params"]
     assert planned["w16__d32"]["steps"] == 8 and planned["w16__d32"]["samples"] == 32  # 32 / (2 x 2 ranks)
     # A compute budget buys fewer samples for the bigger model.
     assert planned["w64__c"]["samples"] < planned["w16__c"]["samples"]
-    assert planned["w16__c"]["train_flops"] <= 1e9 + planned["w16__c"]["flops_per_sample"] * 4
+    assert planned["w16__c"]["planned_train_flops"] <= 1e9 + planned["w16__c"]["flops_per_sample"] * 4
     rc, out, _ = _run(capsys, "sweep", str(tmp_path / "sweep.yaml"), "--dry-run")
     assert rc == 0 and out.count("pending") == 4 and not (tmp_path / "sweep").exists()
 

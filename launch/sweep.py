@@ -504,7 +504,7 @@ def _slurm_scripts(sweep: SweepConfig, sweep_path: Path, base: Path, p: Planned)
     run_dir = Path(cfg.run_dir).resolve()
     gpus = sweep.nproc_per_node if s.gpus_per_node < 0 else s.gpus_per_node
     train = render_sbatch(world, run_dir / "config.yaml", cfg.name, run_dir, sys.executable, Path.cwd(),
-                          gpus or None, parse_sbatch_options(s.sbatch))
+                          gpus, parse_sbatch_options(s.sbatch))
     q = shlex.quote
     options = parse_sbatch_options(s.finalize_sbatch or s.sbatch)
     logs = run_dir / "logs"

@@ -98,6 +98,7 @@ def write_mae_figures(model, cfg, run_dir, rank: int = 0, n: int = 6) -> list[Pa
     """Every rank calls this; rank 0 writes ``mae_<modality>.png`` per image / volume MAE objective."""
     from medfm.model_zoo.layers import whole_params
     from medfm.pretrain.objectives import DEFAULT_MASK_RATIO
+    from medfm.pretrain.precision import batch_to_device
     from medfm.shards.collate import collate
     from medfm.shards.plan import StepPlan
 
@@ -114,9 +115,10 @@ def write_mae_figures(model, cfg, run_dir, rank: int = 0, n: int = 6) -> list[Pa
             continue
         if not samples:
             continue
-        device = next(model.parameters()).device
+        # The weights' device and dtype (bf16 under ZeRO-3 bf16), with the one cast policy the engine applies.
+        weight = next(model.parameters())
         batch = collate(samples, StepPlan(0, (modality,), (), "mae_figure"), cfg.data.collate)
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batch = batch_to_device(batch, weight.device, weight.dtype)
         ratio = obj.mask_ratio if obj.mask_ratio is not None else DEFAULT_MASK_RATIO[modality]
         was_training = model.training
         model.eval()

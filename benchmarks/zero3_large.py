@@ -87,14 +87,37 @@ def _estimate(cfg, nproc: int) -> dict:
             "activations": mem.activations, "zero3_buffers": mem.zero3, "baseline": mem.baseline}
 
 
+def _recipe(shards: str, batch: int, offload: bool) -> dict:
+    cfg = yaml.safe_load((ROOT / "configs" / "image_large.yaml").read_text())
+    cfg["data"].update({"sources": [{"path": shards}], "batch_size": batch, "num_workers": 0})
+    cfg["zero"]["offload_optimizer"] = offload
+    return cfg
+
+
+def reestimate(out: Path, shards: str) -> None:
+    """Recompute the estimate of stored runs with the current launch/memory.py (the measurements stay)."""
+    from medfm.pretrain.config import load_run_config
+
+    results = json.loads(out.read_text())
+    with tempfile.TemporaryDirectory(prefix="zero3_large_") as tmp:
+        for r in results:
+            path = Path(tmp) / "run.yaml"
+            path.write_text(yaml.safe_dump(_recipe(shards, r["batch_per_rank"], r["offload_optimizer"])))
+            est = _estimate(load_run_config(str(path), []), 2)
+            peak = max(r["peak_rss_per_rank"])
+            r.update({"estimate": est, "estimate_per_rank": est["per_rank"],
+                      "ratio_measured_over_estimate": peak / est["per_rank"]})
+            print(f"offload_optimizer={str(r['offload_optimizer']).lower():5} peak {peak / 2**30:.2f} GiB  "
+                  f"estimate {est['per_rank'] / 2**30:.2f} GiB  ratio {peak / est['per_rank']:.2f}")
+    out.write_text(json.dumps(results, indent=1))
+
+
 def bench(shards: str, steps: int, batch: int, offload: bool, tmp: Path) -> dict:
     from medfm.pretrain.config import load_run_config
 
-    cfg = yaml.safe_load((ROOT / "configs" / "image_large.yaml").read_text())
+    cfg = _recipe(shards, batch, offload)
     run_dir = tmp / f"offload_{offload}"
-    cfg["data"].update({"sources": [{"path": shards}], "batch_size": batch, "num_workers": 0})
     cfg["train"].update({"steps": steps, "progress": False})
-    cfg["zero"]["offload_optimizer"] = offload
     cfg["checkpoint"] = {"every": 0, "final": False}
     cfg["tracking"] = {"enabled": False}
     cfg["run_dir"] = str(run_dir)
@@ -141,7 +164,11 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "zero3_large.json"))
     ap.add_argument("--offload", choices=["both", "off", "on"], default="both",
                     help="which runs (one at a time needs ~7 GiB per rank x 2)")
+    ap.add_argument("--reestimate", action="store_true", help="only recompute the estimates stored in --out")
     args = ap.parse_args()
+    if args.reestimate:
+        reestimate(Path(args.out), args.shards)
+        return 0
     results = []
     runs = {"both": (False, True), "off": (False,), "on": (True,)}[args.offload]
     with tempfile.TemporaryDirectory(prefix="zero3_large_") as tmp:

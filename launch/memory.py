@@ -16,7 +16,8 @@ On top of the model states, ``estimate_memory`` adds what a training step holds 
   element size, MLP ratio, dropout on/off and fused attention);
 * the ZeRO-3 working set set by the DeepSpeed config (pretrain/ds_config.py): gathered parameters up to
   ``stage3_max_live_parameters`` + ``stage3_prefetch_bucket_size`` (never more than the model), and the
-  ``reduce_bucket_size`` gradient bucket, in the run's dtype;
+  ``reduce_bucket_size`` gradient bucket, in the run's dtype; and the optimizer step's fp32 temporary (torch
+  AdamW foreach: 4 bytes per partition element, ``adamw_step_temporary``);
 * a stated process baseline: the CUDA context on a GPU (not measured here), the torch + DeepSpeed + transformers
   import RSS on CPU (measured by benchmarks/zero3_large.py).
 """
@@ -307,7 +308,18 @@ def estimate_memory(cfg, size: ModelSize, nproc_per_node: int, nnodes: int, devi
     states = est.device_bytes + (est.host_bytes // nproc_per_node if device == "cpu" else 0)
     b, e = micro_batch(cfg), elem_bytes(cfg)
     acts = {s.name: s.bytes(b, e) for s in activation_stacks(cfg)}
-    return MemoryBreakdown(states, acts, zero3_buffers(z, size.total_params, e), BASELINE_BYTES[device], device)
+    buffers = zero3_buffers(z, size.total_params, e)
+    if device == "cpu" or not oo:  # offloaded, the step runs in host memory (not this device's)
+        buffers["AdamW step temporary"] = adamw_step_temporary(size.total_params, nproc_per_node * nnodes)
+    return MemoryBreakdown(states, acts, buffers, BASELINE_BYTES[device], device)
+
+
+def adamw_step_temporary(total_params: int, world: int) -> int:
+    """torch AdamW with ``foreach=True`` (pretrain/engine.py under ZeRO-3) allocates one fp32 tensor the size of the
+    rank's partition for sqrt(v) in each step (torch/optim/adam.py ``_multi_tensor_adam``: ``_foreach_sqrt``);
+    DeepSpeed's own estimator assumes its fused Adam, which needs none. Added after the first ViT-L measurement
+    showed the step-time gap (benchmarks/RESULTS.md); derived from torch's source, not fitted."""
+    return 4 * math.ceil(total_params / world)
 
 
 def format_breakdown(mem: MemoryBreakdown, cfg) -> str:

@@ -79,6 +79,9 @@ def test_breakdown_sums_to_total_and_prints_it():
         assert float(total) == pytest.approx(mem.total / 2**30, abs=0.006)
     cpu, cuda = (estimate_memory(cfg, SIZE, 2, 1, d) for d in ("cpu", "cuda"))
     assert cpu.model_states > cuda.model_states  # CPU: the host share is the same memory
+    assert cuda.zero3["AdamW step temporary"] == 4 * ((SIZE.total_params + 1) // 2)  # one fp32 per partition element
+    offloaded = estimate_memory(cfg, SIZE, 2, 1, "cuda", offload_optimizer=True)
+    assert "AdamW step temporary" not in offloaded.zero3  # the step runs in host memory
 
 
 @pytest.fixture

@@ -135,7 +135,7 @@ def format_estimate(size: ModelSize, nproc_per_node: int, nnodes: int, zero, cfg
 
 
 # Process baseline per rank. CPU: RSS of a process that imported torch, deepspeed, transformers and medfm's trainer
-# (benchmarks/zero3_large.py measures it at every worker start: 0.35-0.36 GiB, torch 2.13 / DeepSpeed 0.19.8).
+# (benchmarks/zero3_large.py measures it at every worker start: 0.37 GiB on 2026-12-01, torch 2.13 / DeepSpeed 0.19.8).
 # GPU: the CUDA context + cuBLAS workspace, typically 0.3-0.6 GiB with lazy module loading; stated, not measured
 # here (no GPU in CI) -- nvidia-smi's per-process memory of an idle `torch.zeros(1, device="cuda")` gives it.
 BASELINE_BYTES = {"cpu": int(0.36 * 2**30), "cuda": int(0.5 * 2**30)}

@@ -44,7 +44,7 @@ def prepare(config, overrides, world: World):
 
 
 def dry_run_text(cfg, world: World, argv: list[str], env: dict) -> str:
-    from medfm.launch.memory import count_model, format_estimate
+    from medfm.launch.memory import count_model, device_kind, format_estimate
     from medfm.pretrain.ds_config import deepspeed_config
 
     lo, hi = world.node_range
@@ -52,7 +52,8 @@ def dry_run_text(cfg, world: World, argv: list[str], env: dict) -> str:
     if cfg.train.strategy == "zero3":
         ds = deepspeed_config(cfg, world.world_sizes[-1])
         sections.append((f"DeepSpeed config (world size {world.world_sizes[-1]})", json.dumps(ds, indent=2)))
-        sections.append(("memory", format_estimate(count_model(cfg), world.nproc_per_node, hi, cfg.zero)))
+        sections.append(("memory", format_estimate(count_model(cfg), world.nproc_per_node, hi, cfg.zero, cfg,
+                                                   device_kind(env))))
     else:
         sections.append(("DeepSpeed config", f"none: train.strategy={cfg.train.strategy}"))
     shown_env = {k: env[k] for k in ("OMP_NUM_THREADS", "DS_ACCELERATOR") if k in env}

@@ -10,7 +10,8 @@ nothing is allocated, and then:
 * collate shapes vs tower input sizes: one real batch from the configured shards (the real loader, world of one)
   goes through the whole PretrainModule forward on meta — a shape a tower cannot take fails here as it would at step
   one;
-* memory: the ZeRO-3 per-device estimate against ``zero.device_memory_gib`` when the recipe declares it.
+* memory: the per-device estimate (ZeRO-3 model states + activations + ZeRO-3 buffers + baseline,
+  ``launch.memory.estimate_memory``) against ``zero.device_memory_gib`` when the recipe declares it.
 
 Each problem is one line naming the field; ``run_preflight`` returns them all (the launcher exits 2 on any).
 """
@@ -135,18 +136,23 @@ def _forward_problems(module, batch, objective_names) -> list[str]:
 
 
 def _memory_problems(cfg, size, world) -> list[str]:
-    from medfm.launch.memory import zero3_model_states
+    """The whole per-device estimate (model states + activations + ZeRO-3 buffers + baseline, launch/memory.py)
+    against the declared device memory. The device kind is the one the workers get (launch.world.worker_env)."""
+    from medfm.launch.memory import device_kind, estimate_memory
+    from medfm.launch.world import worker_env
 
     declared = getattr(cfg.zero, "device_memory_gib", 0.0)
     if cfg.train.strategy != "zero3" or not declared:
         return []
     lo, hi = world.node_range
-    est = zero3_model_states(size.total_params, size.largest_layer_params, world.nproc_per_node, hi,
-                             cfg.zero.offload_optimizer, cfg.zero.offload_params, cfg.zero.zero_init)
-    if est.device_bytes > declared * 2**30:
-        return [f"zero.device_memory_gib={declared}: the ZeRO-3 model states alone need "
-                f"{est.device_bytes / 2**30:.2f} GiB per device (before activations); use more devices or "
-                "zero.offload_optimizer=true"]
+    device = device_kind(worker_env(world))
+    mem = estimate_memory(cfg, size, world.nproc_per_node, hi, device)
+    if mem.total > declared * 2**30:
+        g = 2**30
+        return [f"zero.device_memory_gib={declared}: the ZeRO-3 estimate needs {mem.total / g:.2f} GiB per device "
+                f"(model states {mem.model_states / g:.2f}, activations {sum(mem.activations.values()) / g:.2f}, "
+                f"ZeRO-3 buffers {sum(mem.zero3.values()) / g:.2f}, baseline {mem.baseline / g:.2f}); use more "
+                "devices, a smaller data.batch_size, train.grad_checkpointing or zero.offload_optimizer=true"]
     return []
 
 

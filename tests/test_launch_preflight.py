@@ -79,7 +79,7 @@ def _set(cfg, dotted, value):
     ("train.tokenizer", "tower", "needs model.towers.text tokenizer"),
     ("model.init_from", "/nonexistent/weights.safetensors", "model.init_from: init_from /nonexistent"),
     ("model.towers.text.init_from", "nosuchmodel:1.0", "model.towers.text.init_from"),
-    ("zero.device_memory_gib", 1e-6, "zero.device_memory_gib=1e-06: the ZeRO-3 model states alone need"),
+    ("zero.device_memory_gib", 1e-6, "zero.device_memory_gib=1e-06: the ZeRO-3 estimate needs"),
 ])
 def test_each_problem_is_one_line_exit_2(tiny, capsys, key, value, expect):
     def mutate(cfg):

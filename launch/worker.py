@@ -97,7 +97,12 @@ def main(argv=None) -> int:
         print(f"medfm: error: {exc}", file=sys.stderr)
         return 2
     init_process_group()
-    return medfm_main(["pretrain", config, *overrides, *extra])
+    from medfm.pretrain import collectives
+
+    try:
+        return medfm_main(["pretrain", config, *overrides, *extra])
+    finally:
+        collectives.shutdown()
 
 
 if __name__ == "__main__":

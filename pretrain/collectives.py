@@ -130,3 +130,11 @@ def barrier(group=None) -> None:
         dist.barrier(group=group, device_ids=[dev.index])
     else:
         dist.barrier(group=group)
+
+
+def shutdown() -> None:
+    """Tear the default process group down (end of a worker). Left to interpreter exit, gloo's threads can abort
+    the process ("terminate called without an active exception") after a finished run, which torchrun reads as a
+    failed worker while the other node's agent has already left the rendezvous."""
+    if active():
+        dist.destroy_process_group()

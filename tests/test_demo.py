@@ -92,3 +92,24 @@ def test_verdict_reads_every_shot_count_and_says_when_pretraining_loses(tmp_path
     assert "not significant at shots [8]" in text and "5 few-shot AUROC comparisons" in text
     ecg = next(r for r in rows if r["task"] == "ecg_fewshot")
     assert ecg["pretrained_unstable"] == "300/500"
+
+
+def test_one_significant_task_of_four_is_not_a_verdict(tmp_path):
+    """16 comparisons at 95 %: one separated pair is what chance gives. A run better on 1 of 4 tasks (the rest not
+    significant) read as "BEAT" before; the verdict now needs more than half of the tasks."""
+    def few(task, k, value, ci):
+        return {"task": f"{task}_fewshot", "metric": "auroc", "params": {"shots": k, "repeats": 10}, "value": value,
+                "ci": ci, "n": 50, "n_patients": 20}
+
+    tasks = ("a", "b", "c", "d")
+    pre = [few(t, 4, 0.9 if t == "a" else 0.7, [0.85, 0.95] if t == "a" else [0.6, 0.8]) for t in tasks]
+    rnd = [few(t, 4, 0.6 if t == "a" else 0.7, [0.5, 0.7] if t == "a" else [0.6, 0.8]) for t in tasks]
+    (tmp_path / "a.json").write_text(json.dumps({"results": pre}))
+    (tmp_path / "b.json").write_text(json.dumps({"results": rnd}))
+    head = headline(compare(tmp_path / "a.json", tmp_path / "b.json"))
+    assert head["per_task"]["a"]["verdict"] == "better" and head["tasks_better"] == "1 of 4"
+    assert head["beats_random_init"] is False
+    assert "do NOT beat" in "\n".join(verdict_lines(head))
+    pre3 = [few(t, 4, 0.9, [0.85, 0.95]) if t != "d" else few(t, 4, 0.7, [0.6, 0.8]) for t in tasks]
+    (tmp_path / "c.json").write_text(json.dumps({"results": pre3}))
+    assert headline(compare(tmp_path / "c.json", tmp_path / "b.json"))["beats_random_init"] is True

@@ -368,8 +368,13 @@ def collect(sweep: SweepConfig, planned: list[Planned]) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------- one point
+# torch.distributed's env:// variables: a point's processes start worlds of their own (torchrun sets these for its
+# workers); inherited from a driver that is itself inside a world, they would make evaluate join that world.
+DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def _env(threads: int | None) -> dict:
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     return env
@@ -520,6 +525,7 @@ def _slurm_scripts(sweep: SweepConfig, sweep_path: Path, base: Path, p: Planned)
         f"cd {q(str(Path.cwd()))}",
         f"mkdir -p {q(str(logs))}",
         "export PYTHONUNBUFFERED=1",
+        f"unset {' '.join(DIST_ENV)}  # sbatch exports the submitter's environment; evaluation is a world of one",
         " ".join(q(w) for w in [sys.executable, *finalize_argv(sweep_path.resolve(), p.point.name)]),
         "",
     ])

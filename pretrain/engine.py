@@ -49,11 +49,6 @@ def _free_port() -> int:
 def init_distributed() -> tuple[int, int]:
     """Join the torchrun world (env:// variables), or make a world of one when run alone. Returns (rank, world)."""
     if dist.is_initialized():
-        # A world this process made earlier (a previous run in the same notebook or test session): DeepSpeed reads
-        # these variables again, and whoever cleared them did not tear the group down.
-        if dist.get_world_size() == 1:
-            for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-                os.environ.setdefault(k, v)
         return dist.get_rank(), dist.get_world_size()
     if "RANK" not in os.environ:  # alone: a world of one, so DeepSpeed and the collectives work unchanged
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",

@@ -29,25 +29,6 @@ def require_real(names) -> None:
         pytest.fail("; ".join(missing) + " (`make test` installs the dev extra)", pytrace=False)
 
 
-# torch.distributed's env:// variables. A test that trains in-process makes a world of one
-# (medfm.pretrain.engine.init_distributed sets them in os.environ, and the process group keeps listening on
-# MASTER_PORT); a later test's subprocess that inherits them joins that "world" and dies with EADDRINUSE.
-DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-@pytest.fixture(autouse=True)
-def _no_leaked_world_env():
-    import os
-
-    saved = {k: os.environ.get(k) for k in DIST_ENV}
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
 @pytest.fixture
 def demo_real_data():
     require_real(DEMO_REAL)

@@ -36,7 +36,10 @@ def test_sigterm_checkpoints_the_step_and_stops_without_requeue(tmp_path, shards
                      train={"log_every": 1}, checkpoint={"every": 0, "keep": 2, "final": True})
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # A lone `medfm pretrain`: not the world of one an earlier in-process test left in this process's environment.
+    env = {**{k: v for k, v in os.environ.items()
+              if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")},
+           "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "medfm.launch.cli", "pretrain", str(config)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = run_dir / "metrics.jsonl"

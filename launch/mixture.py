@@ -20,14 +20,13 @@ identify it.
 from __future__ import annotations
 
 import csv
-import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from medfm.launch.scaling import EXPONENT_BOUND, LawFit, _interval, fit_law
+from medfm.launch.scaling import EXPONENT_BOUND, LawFit, _interval, fit_law, report_json
 from medfm.schema import ConfigError
 
 
@@ -227,16 +226,8 @@ def format_mixture(report: MixtureReport) -> str:
 
 
 def mixture_json(report: MixtureReport) -> str:
-    def clean(v):
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return v
-
-    return json.dumps(clean(asdict(report)), indent=2)
+    """The report as JSON (NaN as null), written by the same function as the scaling fit's report."""
+    return report_json(report)
 
 
 def plot_mixture(pts: MixturePoints, laws: list[LawFit], report: MixtureReport, out) -> Path:

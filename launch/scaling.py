@@ -599,7 +599,8 @@ def format_report(report: ScalingReport) -> str:
     return "\n".join(lines)
 
 
-def report_json(report: ScalingReport) -> str:
+def report_json(report) -> str:
+    """A report dataclass (ScalingReport, MixtureReport) as JSON; JSON has no NaN, so non-finite floats are null."""
     def clean(v):  # JSON has no NaN
         if isinstance(v, float) and not math.isfinite(v):
             return None

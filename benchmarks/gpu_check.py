@@ -56,6 +56,7 @@ from medfm.model_zoo.attention import BACKENDS, attention, available_backends  #
 from medfm.model_zoo.flops import mae_forward_flops, train_flops  # noqa: E402
 from medfm.model_zoo.mae import decoder_for  # noqa: E402
 from medfm.pretrain.peak_flops import mfu_peak  # noqa: E402
+from medfm.pretrain.world_env import env_outside_world  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -159,7 +160,9 @@ def check_mfu(dev, smoke, peak_tflops, rows):
 
 # ---------------------------------------------------------------------------------------------- the product
 def _env():
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    # Every check starts a world of its own (torchrun --standalone, or a lone medfm eval): a world this script was
+    # started inside (a notebook, a test process that trained in-process) must not be joined or collided with.
+    env = env_outside_world(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")

@@ -62,6 +62,7 @@ from typing import Any
 
 import yaml
 
+from medfm.pretrain.world_env import WORLD_ENV, env_outside_world
 from medfm.schema import ConfigError, load_yaml
 
 COLUMNS = ["name", "size", "budget", "mixture", "params", "samples", "steps", "flops_per_sample", "train_flops",
@@ -368,13 +369,9 @@ def collect(sweep: SweepConfig, planned: list[Planned]) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------- one point
-# torch.distributed's env:// variables: a point's processes start worlds of their own (torchrun sets these for its
-# workers); inherited from a driver that is itself inside a world, they would make evaluate join that world.
-DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
 def _env(threads: int | None) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    # a point's processes start worlds of their own; a driver inside a world would make evaluate join it
+    env = env_outside_world()
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     return env
@@ -525,7 +522,7 @@ def _slurm_scripts(sweep: SweepConfig, sweep_path: Path, base: Path, p: Planned)
         f"cd {q(str(Path.cwd()))}",
         f"mkdir -p {q(str(logs))}",
         "export PYTHONUNBUFFERED=1",
-        f"unset {' '.join(DIST_ENV)}  # sbatch exports the submitter's environment; evaluation is a world of one",
+        f"unset {' '.join(WORLD_ENV)}  # sbatch exports the submitter's environment; evaluation is a world of one",
         " ".join(q(w) for w in [sys.executable, *finalize_argv(sweep_path.resolve(), p.point.name)]),
         "",
     ])

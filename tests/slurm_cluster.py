@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from medfm.pretrain.world_env import env_outside_world
+
 SCRIPT = Path(__file__).resolve().parent.parent / "launch" / "slurm_local.sh"
 DIR = Path(os.environ.get("MEDFM_SLURM_DIR", "/tmp/medfm-slurm"))
 FINISHED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
@@ -29,13 +31,13 @@ FINISHED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 
 
 def _script(cmd: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MEDFM_SLURM_DIR": str(DIR)}
+    env = {**env_outside_world(), "MEDFM_SLURM_DIR": str(DIR)}
     return subprocess.run([str(SCRIPT), cmd], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def run(*argv: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
     """A SLURM client command against this cluster."""
-    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, env=os.environ)
+    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, env=env_outside_world())
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr.strip()}")
     return proc

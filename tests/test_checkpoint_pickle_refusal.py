@@ -4,7 +4,6 @@ load_checkpoint asks torch.load for weights_only=False), eval, release and conso
 
 from __future__ import annotations
 
-import os
 import pathlib
 import shutil
 import subprocess
@@ -18,9 +17,9 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from test_pretrain_helpers import make_shards, run_config  # noqa: E402
 
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-for _k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-    ENV.pop(_k, None)
+from medfm.pretrain.world_env import env_outside_world  # noqa: E402
+
+ENV = {**env_outside_world(), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 MEDFM = [sys.executable, "-m", "medfm.launch.cli"]
 POSITIONS = {"model": "zero_pp_rank_0_mp_rank_00_model_states.pt", "optim": "zero_pp_rank_0_mp_rank_00_optim_states.pt",
              "client": "client/rank0.json"}

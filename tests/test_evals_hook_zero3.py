@@ -5,7 +5,6 @@ its logit scale and report generation run the same forwards on every rank (old c
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_pretrain_helpers import make_shards, run_config  # noqa: E402
+
+from medfm.pretrain.world_env import env_outside_world  # noqa: E402
 
 HELPER = str(Path(__file__).parent / "test_pretrain_helpers.py")
 CAPTIONS = ["left effusion", "normal study", "cardiomegaly", "rib fracture"]  # make_sample's text by class
@@ -38,7 +39,7 @@ def test_periodic_eval_under_zero3_with_two_ranks(tmp_path):
                      eval={"every": 2, "hook": "medfm.evals.hook:periodic_eval"})
     spec = {"phases": [{"config": cfg}], "out": str(tmp_path / "report")}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+    env = {**env_outside_world(), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "MEDFM_EVAL_SUITE": str(suite)}
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", HELPER,

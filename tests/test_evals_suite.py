@@ -3,7 +3,6 @@ shards): trained tower beats random init, suite → report/PNGs/CLI exit codes, 
 features from checkpoint dir / state dict / release, on-disk cache, and a 2-process run (slow)."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from evals_realtasks import tiny_image_model_config, write_mni_tissue_shards  # 
 from medfm.evals.data import index_split  # noqa: E402
 from medfm.evals.features import ExtractOptions, extract, load_model, weights_hash  # noqa: E402
 from medfm.evals.suite import load_suite, run_suite  # noqa: E402
+from medfm.pretrain.world_env import env_outside_world  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = """
@@ -189,9 +189,7 @@ def test_feature_cache_is_keyed_and_reused(model, data, tmp_path):
 @pytest.mark.slow
 def test_two_processes_match_one(state_dict_file, data, tmp_path):
     suite = _suite_file(tmp_path, data)
-    # Without torchrun variables an earlier in-process world of one (e.g. a pretrain test) may have left behind.
-    dist_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    env = {**{k: v for k, v in os.environ.items() if k not in dist_vars}, "OMP_NUM_THREADS": "1",
+    env = {**env_outside_world(), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(ROOT)}
     one, two = tmp_path / "one", tmp_path / "two"
     cmd = [sys.executable, "-m", "medfm.launch.cli", "eval", str(state_dict_file), "--suite", str(suite)]

@@ -6,7 +6,6 @@ released weights."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from test_pretrain_helpers import make_shards, run_config, tower_specs  # noqa: 
 from medfm.model_zoo import build_multimodal  # noqa: E402
 from medfm.model_zoo.init_from import InitFromError, apply_init_from, load_into, open_source  # noqa: E402
 from medfm.model_zoo.multimodal import MultiModalConfig  # noqa: E402
+from medfm.pretrain.world_env import env_outside_world  # noqa: E402
 from medfm.schema import from_dict  # noqa: E402
 
 HELPER = str(Path(__file__).parent / "init_from_helpers.py")
@@ -142,7 +142,7 @@ def test_zero3_minilm_from_package_and_release_continued_exactly(tmp_path):
     released["model"]["init_from"] = "toy:2.0"
     spec = {"minilm": minilm, "release": released, "out": str(tmp_path / "report")}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+    env = {**env_outside_world(), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "MEDFM_ZOO": str(tmp_path / "zoo")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", HELPER,
            str(tmp_path / "spec.json")]

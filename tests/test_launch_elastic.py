@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -21,6 +20,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_pretrain_helpers import make_shards, run_config  # noqa: E402
+
+from medfm.pretrain.world_env import env_outside_world  # noqa: E402
 
 STEPS = 8
 TIMEOUT = 420
@@ -41,7 +42,7 @@ def _config(tmp: Path, shards: str, run_dir: Path) -> Path:
 
 
 def _env(**extra) -> dict:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+    env = {**env_outside_world(), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
     env.pop("MEDFM_FAULT", None)
     env.update(extra)
     return env

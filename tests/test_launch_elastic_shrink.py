@@ -20,6 +20,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from test_pretrain_helpers import make_shards, run_config  # noqa: E402
 
+from medfm.pretrain.world_env import env_outside_world  # noqa: E402
+
 STEPS = 16
 TIMEOUT = 480
 
@@ -63,7 +65,7 @@ def test_one_node_killed_run_finishes_on_the_other(tmp_path):
                      checkpoint={"every": 2, "keep": 10, "final": True})
     config = tmp_path / "elastic.yaml"
     config.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**env_outside_world(), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("MEDFM_FAULT", None)
     endpoint = f"127.0.0.1:{_port()}"
     cmd = [sys.executable, "-m", "medfm.launch.cli", "launch", str(config), "--nnodes", "1:2", "--nproc-per-node",

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_pretrain_helpers import MODS, make_shards, run_config  # noqa: E402
 
 from medfm.launch.cli import main  # noqa: E402
+from medfm.pretrain.world_env import env_outside_world  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = sorted(p for p in [*CONFIGS.glob("*.yaml"), *CONFIGS.glob("pretrain/*.yaml")]
@@ -126,7 +126,7 @@ def test_every_recipe_trains_one_step_at_reduced_size(data_root, tmp_path):
     phases = [{"config": _shrunk(r, data_root, tmp_path / r.stem)} for r in RECIPES]
     spec = {"phases": phases, "out": str(tmp_path / "report")}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**env_outside_world(), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", HELPER,
            str(tmp_path / "spec.json")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)

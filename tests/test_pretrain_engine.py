@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from test_pretrain_helpers import make_shards, run_config  # noqa: E402
 
+from medfm.pretrain.world_env import env_outside_world  # noqa: E402
+
 HELPER = str(Path(__file__).parent / "test_pretrain_helpers.py")
 
 
@@ -31,7 +32,7 @@ def torchrun(spec: dict, tmp_path: Path, timeout: int = 420) -> list[dict]:
     spec_path = tmp_path / "spec.json"
     spec["out"] = str(tmp_path / "report")
     spec_path.write_text(json.dumps(spec))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**env_outside_world(), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", HELPER,
            str(spec_path)]
     try:

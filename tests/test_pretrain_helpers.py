@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medfm.pretrain.world_env import env_outside_world
 from medfm.shards.sample import Sample, make_meta
 from medfm.shards.writer import DatasetWriter
 
@@ -137,7 +138,6 @@ def launch_with_kills(cfg: dict, workdir, kills: list[tuple[int, int]], timeout:
     """``medfm launch --nproc-per-node 2 --max-restarts len(kills)`` of ``cfg`` where attempt i SIGKILLs rank
     ``kills[i][1]`` right after step ``kills[i][0]`` (steps increasing, so every attempt reaches its kill).
     Returns the CompletedProcess (stdout+stderr in ``.stdout``)."""
-    import os
     import subprocess
 
     import yaml
@@ -147,7 +147,7 @@ def launch_with_kills(cfg: dict, workdir, kills: list[tuple[int, int]], timeout:
     path = workdir / f"{Path(cfg['run_dir']).name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     faults = ",".join(f"kill-at-step:{s}:{r}:{i}" for i, (s, r) in enumerate(kills))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**env_outside_world(), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("MEDFM_FAULT", None)
     if faults:
         env["MEDFM_FAULT"] = faults

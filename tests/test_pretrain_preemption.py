@@ -5,7 +5,6 @@ real cluster in test_launch_slurm.py."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -19,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_pretrain_helpers import make_shards, run_config  # noqa: E402
 
 from medfm.pretrain.preemption import MARKER  # noqa: E402
+from medfm.pretrain.world_env import env_outside_world  # noqa: E402
 
 STEPS = 400  # far more than run before the signal lands: the run must stop early
 
@@ -37,9 +37,7 @@ def test_sigterm_checkpoints_the_step_and_stops_without_requeue(tmp_path, shards
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(cfg))
     # A lone `medfm pretrain`: not the world of one an earlier in-process test left in this process's environment.
-    env = {**{k: v for k, v in os.environ.items()
-              if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")},
-           "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**env_outside_world(), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "medfm.launch.cli", "pretrain", str(config)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = run_dir / "metrics.jsonl"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -17,13 +16,15 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from test_pretrain_helpers import make_shards, run_config  # noqa: E402
 
+from medfm.pretrain.world_env import env_outside_world  # noqa: E402
+
 HELPER = str(Path(__file__).parent / "test_pretrain_helpers.py")
 
 
 def _torchrun(nproc: int, config: dict, tmp: Path, name: str) -> dict:
     spec = tmp / f"{name}.json"
     spec.write_text(json.dumps({"phases": [{"config": config}], "out": str(tmp / name)}))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**env_outside_world(), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), HELPER,
            str(spec)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420)

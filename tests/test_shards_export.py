@@ -17,6 +17,7 @@ import pytest
 from conftest import require_real
 
 from medfm.launch.cli import main as medfm_main
+from medfm.pretrain.world_env import env_outside_world
 from medfm.shards import realdata
 from medfm.shards.deid import Pseudonymizer
 from medfm.shards.verify import verify
@@ -30,7 +31,7 @@ def export_build(tmp_path_factory):
     src = tmp_path_factory.mktemp("export")
     realdata.write_messy_export(src)
     out = tmp_path_factory.mktemp("export_shards") / "out"
-    env = {**os.environ, "MEDFM_DEID_SALT": SALT}
+    env = {**env_outside_world(), "MEDFM_DEID_SALT": SALT}
     r = subprocess.run([sys.executable, "-m", "medfm.launch.cli", "shards", "build", str(src), "--out", str(out),
                         "--quiet", "--workers", "2"], capture_output=True, text=True, env=env, timeout=900)
     return src, out, r

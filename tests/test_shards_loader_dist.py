@@ -8,7 +8,6 @@ snapshot. Every launch has a subprocess timeout, so a hang fails the test instea
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections import Counter
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import pytest
 from test_shards_loader_helpers import make_dataset, plant_corruption
+
+from medfm.pretrain.world_env import env_outside_world
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +28,7 @@ def _torchrun(tmp: Path, name: str, loader: dict, **spec) -> list[dict]:
     spec_path = tmp / f"{name}.json"
     out = str(tmp / f"{name}-rank{{rank}}.json")
     spec_path.write_text(json.dumps({"loader": loader, "out": out, **spec}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HELPER.parent)}
+    env = {**env_outside_world(), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HELPER.parent)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(HELPER),
            str(spec_path)]
     try:

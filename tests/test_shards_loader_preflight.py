@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from test_shards_loader_helpers import make_dataset
 
+from medfm.pretrain.world_env import env_outside_world
 from medfm.shards.loader import LoaderConfig, ShardLoader, SourceConfig
 from medfm.shards.preflight import ShardCheckError
 
@@ -167,7 +168,6 @@ def test_launch_stops_on_a_bad_shard_before_starting_ranks(tmp_path, capsys):
 def test_mid_run_skips_are_summed_over_ranks_in_logs_and_checkpoint(tmp_path):
     """2 ranks (torchrun, DDP): a shard with bad samples (valid tar, right size) is met by both ranks; the logged
     ``skipped_<reason>`` and the checkpoint's ``skipped_all_ranks`` are the sum of the ranks' own counters."""
-    import os
     import subprocess
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -181,7 +181,7 @@ def test_mid_run_skips_are_summed_over_ranks_in_logs_and_checkpoint(tmp_path):
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"phases": [{"config": cfg}], "out": str(tmp_path / "out.json")}))
     helper = Path(__file__).with_name("test_pretrain_helpers.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(helper.parent)}
+    env = {**env_outside_world(), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(helper.parent)}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(helper), str(spec)], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

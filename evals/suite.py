@@ -116,10 +116,11 @@ class EvalSuite:
 
 
 def load_suite(path, overrides=()) -> EvalSuite:
+    from medfm.configs.registry import locate
     from medfm.schema import load_yaml
 
     suite = load_yaml(path, EvalSuite, overrides)
-    suite.base_dir = suite.base_dir or str(Path(path).resolve().parent)
+    suite.base_dir = suite.base_dir or str(locate(path).resolve().parent)
     return suite
 
 

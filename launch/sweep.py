@@ -182,8 +182,10 @@ def _yaml_value(v) -> str:
 
 
 def load_sweep(path) -> tuple[SweepConfig, Path]:
-    cfg = load_yaml(path, SweepConfig)
-    base = (Path(path).parent / cfg.base).resolve()
+    from medfm.configs.registry import locate
+
+    cfg = load_yaml(path, SweepConfig, includes=False)  # a sweep's `base:` is its run recipe, not an include
+    base = (locate(path).parent / cfg.base).resolve()
     if not base.is_file():
         raise ConfigError(f"{path}: base: run config {base} not found")
     if not cfg.out:

@@ -216,23 +216,18 @@ def _deepcopy(d):
     return d
 
 
-def read_yaml_mapping(path) -> dict:
-    """The top-level mapping of the YAML file at ``path``; ConfigError (one line) when missing or malformed."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} is not valid YAML") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    return data
+def read_yaml_mapping(path, includes: bool = True) -> dict:
+    """The top-level mapping of the YAML file at ``path`` (or of the shipped recipe it names, medfm.configs), its
+    ``base:`` files merged in (medfm.schema.includes) unless ``includes`` is false; ConfigError (one line) when
+    missing or malformed."""
+    from medfm.configs.registry import locate
+    from medfm.schema.includes import read_mapping_file, read_with_bases
+
+    path = locate(path)
+    return read_with_bases(path) if includes else read_mapping_file(path)
 
 
-def load_yaml(path, cls=None, overrides=()):
-    """Read YAML at ``path`` (a mapping), apply overrides, and build ``cls`` when given."""
-    data = apply_overrides(read_yaml_mapping(path), overrides, cls)
+def load_yaml(path, cls=None, overrides=(), includes: bool = True):
+    """Read YAML at ``path`` (a mapping, bases merged), apply overrides, and build ``cls`` when given."""
+    data = apply_overrides(read_yaml_mapping(path, includes), overrides, cls)
     return from_dict(cls, data) if cls is not None else data

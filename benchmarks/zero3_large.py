@@ -88,7 +88,9 @@ def _estimate(cfg, nproc: int) -> dict:
 
 
 def _recipe(shards: str, batch: int, offload: bool) -> dict:
-    cfg = yaml.safe_load((ROOT / "configs" / "image_large.yaml").read_text())
+    from medfm.schema import read_yaml_mapping
+
+    cfg = read_yaml_mapping(ROOT / "configs" / "image_large.yaml")  # its base: files merged (image_base, common/)
     cfg["data"].update({"sources": [{"path": shards}], "batch_size": batch, "num_workers": 0})
     cfg["zero"]["offload_optimizer"] = offload
     return cfg

@@ -16,12 +16,14 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from test_pretrain_helpers import MODS, make_shards, run_config  # noqa: E402
 
+from medfm.configs import registry  # noqa: E402
 from medfm.launch.cli import main  # noqa: E402
 from medfm.pretrain.world_env import env_outside_world  # noqa: E402
+from medfm.schema import read_yaml_mapping  # noqa: E402  (recipes with their base: files merged)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = sorted(p for p in [*CONFIGS.glob("*.yaml"), *CONFIGS.glob("pretrain/*.yaml")]
-                 if "base" not in yaml.safe_load(p.read_text()))  # sweeps (a `base:` recipe) have their own dry run
+                 if registry.kind(p.relative_to(CONFIGS).with_suffix("").as_posix()) == "run")  # sweeps: own dry run
 HELPER = str(Path(__file__).parent / "test_pretrain_helpers.py")
 
 
@@ -34,7 +36,7 @@ def _modalities(source_path: str) -> tuple[str, ...]:
 def data_root(tmp_path_factory):
     """``data/shards/<modality>`` (+ text) and the all-modality ``demo`` sets the recipes point at."""
     root = tmp_path_factory.mktemp("recipes")
-    paths = {s["path"] for r in RECIPES for s in (yaml.safe_load(r.read_text())["data"]["sources"])}
+    paths = {s["path"] for r in RECIPES for s in (read_yaml_mapping(r)["data"]["sources"])}
     for p in sorted(paths):
         make_shards(root / p, n=8, modalities=_modalities(p), prefix=Path(p).name)
     return root
@@ -51,7 +53,7 @@ def test_recipe_passes_dry_run(data_root, recipe, monkeypatch, capsys):
     out, err = capsys.readouterr()
     assert rc == 0, err[-2000:]
     assert "preflight: model instantiated on meta" in out
-    assert not (data_root / "runs" / yaml.safe_load(recipe.read_text())["name"]).exists()  # nothing written
+    assert not (data_root / "runs" / read_yaml_mapping(recipe)["name"]).exists()  # nothing written
 
 
 @pytest.fixture
@@ -95,7 +97,7 @@ def test_each_problem_is_one_line_exit_2(tiny, capsys, key, value, expect):
 def _shrunk(recipe: Path, data_root: Path, run_dir: Path) -> dict:
     """The recipe at CPU-test size: same towers (arch), objectives, precision, strategy and zero_init; one layer
     of width 32, small inputs, batch 2, one step."""
-    cfg = copy.deepcopy(yaml.safe_load(recipe.read_text()))
+    cfg = copy.deepcopy(read_yaml_mapping(recipe))
     small = {"width": 32, "depth": 1, "num_heads": 2}
     per_arch = {"image": {"img_size": 32, "patch_size": 16}, "volume": {"img_size": [16, 32, 32]},
                 "signal": {"max_len": 512}, "ehr": {}, "text": {"intermediate_size": 64}}

@@ -36,6 +36,8 @@ def _show(args) -> int:
                           + "; `medfm recipes list` names them")
     name = path.relative_to(registry.ROOT).with_suffix("").as_posix()
     data = read_yaml_mapping(path, includes=registry.kind(name) != "sweep")  # a sweep's base: is its run recipe
+    own = [k for k in read_yaml_mapping(path, includes=False) if k in data]  # the file's own keys first, as written
+    data = {**{k: data[k] for k in own}, **{k: v for k, v in data.items() if k not in own}}
     print(f"# {name} ({path})")
     print(yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120).rstrip())
     return 0

@@ -81,7 +81,7 @@ def test_shared_blocks_are_written_once():
     assert tiny == ["common/tiny.yaml"]
 
 
-def test_resolved_config_written_by_launch_is_the_merged_one(tmp_path, capsys):
+def test_the_resolved_config_is_the_merged_one():
     from medfm.launch.resolve import resolve_config
     from medfm.schema import to_dict
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from setuptools import setup
 
-PARTS = ["schema", "shards", "model_zoo", "pretrain", "launch", "evals"]
+PARTS = ["schema", "shards", "model_zoo", "pretrain", "launch", "evals", "demo", "configs"]
 HERE = Path(__file__).parent
 
 
@@ -45,7 +45,7 @@ setup(
     python_requires=">=3.10",
     packages=PACKAGES,
     package_dir=PACKAGE_DIRS,
-    package_data={"medfm.launch": ["recipes/*.yaml"]},
+    package_data={"medfm.launch": ["recipes/*.yaml"], "medfm.configs": ["*.yaml", "**/*.yaml"]},
     install_requires=[
         "torch>=2.3",
         "deepspeed==0.19.8",

@@ -5,7 +5,7 @@
 
 1. Attention: every backend available (flash_attn, xformers, sdpa) vs the fp32 ``math`` reference, forward and
    backward, plain / key padding / causal / padding+causal, in bf16; then fwd+bwd speed at seq 1024 and 4096.
-2. Product: shards built here from package files (medfm.launch.demo_corpus), then ``medfm pretrain`` of the tiny
+2. Product: shards built here from package files (medfm.demo.corpus), then ``medfm pretrain`` of the tiny
    multimodal recipe (configs/pretrain/tiny_multimodal.yaml) in bf16 under ``torchrun --nproc_per_node 1`` (NCCL on
    CUDA, gloo on CPU), once ``train.strategy=zero3`` and once ``ddp``, 20 steps; with more than one GPU visible also
    2 ranks of zero3; then ``medfm eval`` of the zero3 checkpoint (linear probe, kNN, zero-shot, retrieval).
@@ -190,7 +190,7 @@ def _tail(log: Path, n: int = 2) -> str:
 
 
 def build_corpus(work: Path, rows) -> dict | None:
-    from medfm.launch.demo_corpus import build_demo_corpus
+    from medfm.demo.corpus import build_demo_corpus
 
     t0 = time.perf_counter()
     try:

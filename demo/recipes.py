@@ -45,11 +45,13 @@ def _write_if_changed(path: Path, text: str) -> Path:
     return path
 
 
-def eval_suite(corpus: dict, out: Path) -> Path:
-    """``<out>/eval_suite.yaml`` (and a prompts file per task with prompts): EVAL_TASKS's protocols on the corpus's
-    tasks, rewritten only when its content changes (its mtime decides whether earlier eval reports are reused)."""
+def eval_suite(corpus: dict, out: Path, protocols_of: dict | None = None, *, name: str = "demo", n_boot: int = 500,
+               batch_size: int = 64) -> Path:
+    """``<out>/eval_suite.yaml`` (and a prompts file per task with prompts): the protocols of ``protocols_of``
+    (default EVAL_TASKS) on the corpus's tasks, rewritten only when its content changes (its mtime decides whether
+    earlier eval reports are reused). benchmarks/gpu_check.py writes its smaller suite with this too."""
     tasks = []
-    for task_name, protocols in EVAL_TASKS.items():
+    for task_name, protocols in (EVAL_TASKS if protocols_of is None else protocols_of).items():
         t = corpus["tasks"][task_name]
         data = {"dir": str(Path(corpus["datasets"][t["dataset"]]).resolve())}
         prompts = None
@@ -67,5 +69,5 @@ def eval_suite(corpus: dict, out: Path) -> Path:
             if proto == "fewshot":
                 task["options"] = dict(FEWSHOT)
             tasks.append(task)
-    suite = {"name": "demo", "n_boot": 500, "seed": 0, "batch_size": 64, "tasks": tasks}
+    suite = {"name": name, "n_boot": n_boot, "seed": 0, "batch_size": batch_size, "tasks": tasks}
     return _write_if_changed(out / "eval_suite.yaml", yaml.safe_dump(suite, sort_keys=False))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from setuptools import setup
 
-PARTS = ["schema", "shards", "model_zoo", "pretrain", "launch", "evals", "configs"]
+PARTS = ["schema", "shards", "model_zoo", "pretrain", "launch", "evals", "demo", "configs"]
 HERE = Path(__file__).parent
 
 

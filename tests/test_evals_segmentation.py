@@ -11,8 +11,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from evals_realtasks import SEG_CLASSES, tiny_volume_model_config, write_mni_segmentation_shards  # noqa: E402
+from evals_realtasks import tiny_volume_model_config  # noqa: E402
 
+from medfm.demo.mni_tasks import SEG_CLASSES, write_mni_segmentation_shards  # noqa: E402
 from medfm.evals import metrics as M  # noqa: E402
 from medfm.evals.features import weights_hash  # noqa: E402
 from medfm.evals.suite import load_suite, run_suite  # noqa: E402

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from evals_realtasks import tiny_image_model_config, write_mni_tissue_shards  # noqa: E402
+from evals_realtasks import tiny_image_model_config  # noqa: E402
 
+from medfm.demo.mni_tasks import write_mni_tissue_shards  # noqa: E402
 from medfm.evals.data import index_split  # noqa: E402
 from medfm.evals.features import ExtractOptions, extract, load_model, weights_hash  # noqa: E402
 from medfm.evals.suite import load_suite, run_suite  # noqa: E402

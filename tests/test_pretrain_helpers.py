@@ -107,7 +107,7 @@ def run_config(run_dir, shards: str | list, objectives, modalities=MODS, batch: 
 
 
 def demo_like_config(root, run_dir, steps: int = 12, every: int = 3) -> dict:
-    """The demo's multimodal recipe (launch/demo.py: three sources, round-robin groups, every objective, ZeRO-3,
+    """The demo's multimodal recipe (medfm.demo.recipes: three sources, round-robin groups, every objective, ZeRO-3,
     a DataLoader worker, measured MFU peak, text dropout), shrunk to CPU seconds. Shards are written under ``root``
     once and reused."""
     root = Path(root)

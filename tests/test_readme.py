@@ -62,7 +62,7 @@ def test_the_marker_finds_the_cheap_blocks():
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory):
     """A fresh copy of the repository with runs/demo/corpus built as `make demo` builds it."""
-    from medfm.launch.demo_corpus import build_demo_corpus
+    from medfm.demo.corpus import build_demo_corpus
 
     require_real(DEMO_REAL)  # fails, never skips, without the demo extra
     root = fresh_copy(tmp_path_factory.mktemp("clone"))

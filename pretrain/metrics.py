@@ -35,6 +35,7 @@ class TrainMetrics:
         self.samples_per_step = cfg.train.micro_batch * cfg.train.grad_accum * world
         self.peak, self.peak_source = peak, peak_source
         self.analytic = formulas_cover([o.cfg for o in module.objectives])
+        self._per_sample: dict = {}  # micro_batch_flops' memo
         self.train_flops, self.samples_seen = float(train_flops), int(samples_seen)
         self.step_time = self.step_tokens = self.step_flops = 0.0
         self.start_step()
@@ -46,7 +47,7 @@ class TrainMetrics:
 
     def add_micro(self, batch: dict, names, vals, tokens: dict) -> None:
         """One micro-batch on this rank: its loss values (averaged over the step), tokens and FLOPs."""
-        self._flops += micro_batch_flops(self.module, self.model_cfg, batch, names)
+        self._flops += micro_batch_flops(self.module, self.model_cfg, batch, names, self._per_sample)
         for n, v in zip(names, vals.tolist()):
             self._loss_sums[n] = self._loss_sums.get(n, 0.0) + v / self.grad_accum
         self._tokens += sum(tokens.values())

@@ -73,15 +73,20 @@ def sample_flops(model, model_cfg, objectives, shapes: dict) -> float:
     return float(train_flops(total))
 
 
-def micro_batch_flops(module, model_cfg, batch: dict, names) -> float:
+def micro_batch_flops(module, model_cfg, batch: dict, names, memo: dict | None = None) -> float:
     """fwd + bwd FLOPs of one micro-batch on this rank for the objectives ``names`` that ran, at this batch's
-    input shapes."""
-    objectives = [o.cfg for o in module.objectives if o.name in set(names)]
+    input shapes. ``memo`` keeps per-sample values by (objectives, shapes): a pretrained text tower's formula reads
+    its config file, not something to do every micro-step."""
     inputs = {m: batch[k] for m, k in INPUT_KEY.items() if k in batch}
     if not inputs:
         return 0.0
-    per_sample = sample_flops(module.model, model_cfg, objectives, {m: tuple(x.shape[1:]) for m, x in inputs.items()})
-    return per_sample * next(iter(inputs.values())).shape[0]
+    shapes = {m: tuple(x.shape[1:]) for m, x in inputs.items()}
+    key = (tuple(names), tuple(sorted(shapes.items())))
+    memo = {} if memo is None else memo
+    if key not in memo:
+        objectives = [o.cfg for o in module.objectives if o.name in set(names)]
+        memo[key] = sample_flops(module.model, model_cfg, objectives, shapes)
+    return memo[key] * next(iter(inputs.values())).shape[0]
 
 
 def _collate_shapes(run_cfg, model) -> dict:

@@ -225,3 +225,13 @@ def measure_flops(fn, module: nn.Module | None = None) -> int:
     with ctx, FlopCounterMode(display=False) as counter, torch.no_grad():
         fn()
     return counter.get_total_flops()
+
+
+def caption_decoder_flops(decoder: nn.Module, text_tokens: int, context_tokens: int, context_width: int) -> int:
+    """Forward FLOPs of one sample through a CoCa ``CaptionDecoder``: the context projection into its width, causal
+    self-attention blocks with cross-attention to the ``context_tokens`` (counted dense, as everywhere here), and
+    the next-token head."""
+    w, t, m = decoder.width, text_tokens, context_tokens
+    hidden = decoder.blocks[0].mlp.fc1.out_features if len(decoder.blocks) else 0
+    blocks = len(decoder.blocks) * block_flops(t, w, hidden, context=m)
+    return 2 * m * context_width * w + blocks + 2 * t * w * decoder.vocab_size

@@ -12,7 +12,7 @@ import math
 import os
 import socket
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -188,20 +188,6 @@ class Engine:
                 for p in owner.parameters(recurse=False):
                     deepspeed.zero.register_external_parameter(module, p)
         return module  # DDP bf16 keeps fp32 parameters (master weights) and computes under autocast (precision.py)
-
-    @contextmanager
-    def eager(self):
-        """Run the towers uncompiled inside (``train.compile``): the FLOP counter's TorchDispatchMode makes dynamo
-        skip the frame *and never compile it again*, and compiled kernels would bypass the counter anyway."""
-        towers = list(self.module.model.towers.values())
-        saved = [t._compiled_call_impl for t in towers]
-        for t in towers:
-            t._compiled_call_impl = None
-        try:
-            yield
-        finally:
-            for t, impl in zip(towers, saved):
-                t._compiled_call_impl = impl
 
     # -- one micro-step --------------------------------------------------------------------------------------
     @property

@@ -91,11 +91,11 @@ def present(batch: dict, modality: str) -> torch.Tensor:
     key = f"{modality}_present"
     if key in batch:
         return batch[key].bool()
-    first = batch[_INPUT_KEY[modality]]
+    first = batch[INPUT_KEY[modality]]
     return torch.ones(first.shape[0], dtype=torch.bool, device=first.device)
 
 
-_INPUT_KEY = {"image": "image", "volume": "volume", "signal": "signal", "ehr": "ehr_codes", "text": "text_ids"}
+INPUT_KEY = {"image": "image", "volume": "volume", "signal": "signal", "ehr": "ehr_codes", "text": "text_ids"}
 
 
 class StepCache:
@@ -293,6 +293,18 @@ def check_objectives_fit_model(objectives, model) -> None:
             raise ValueError(f"objective {obj.name!r} needs model.caption_decoder (enable it in the model config)")
 
 
+def active_objectives(objectives: list, plan) -> list:
+    """Objectives (modules or configs) a step plan runs: those it names, or (a plan naming none) those whose
+    modalities it has; all of them without a plan. The trainer and the FLOP plan of a sweep both ask this."""
+    if plan is None:
+        return list(objectives)
+    names = tuple(getattr(plan, "objectives", ()) or ())
+    if names:
+        return [o for o in objectives if o.name in names]
+    mods = set(plan.modalities)
+    return [o for o in objectives if set(o.modalities) <= mods]
+
+
 class PretrainModule(nn.Module):
     """What the engine trains: the multimodal model plus objective-owned modules (LM, projectors).
 
@@ -306,14 +318,7 @@ class PretrainModule(nn.Module):
         self.objectives = nn.ModuleList(objectives)
 
     def active(self, plan) -> list[Objective]:
-        """Objectives the step plan runs: those it names, or (a plan naming none) those whose modalities it has."""
-        if plan is None:
-            return list(self.objectives)
-        names = tuple(getattr(plan, "objectives", ()) or ())
-        if names:
-            return [o for o in self.objectives if o.name in names]
-        mods = set(plan.modalities)
-        return [o for o in self.objectives if set(o.modalities) <= mods]
+        return active_objectives(list(self.objectives), plan)
 
     def forward(self, batch: dict, plan=None):
         cache = StepCache(self.model, batch)

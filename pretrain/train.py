@@ -1,4 +1,6 @@
-"""The training loop (torchtitan-style: short, explicit, every collective visible).
+"""The training loop, torchtitan's shape: ``run`` builds a :class:`Trainer` and calls ``train``, which reads top to
+bottom — ``train_step`` (one optimizer step), ``log_step``, the NaN guard, ``maybe_checkpoint``, the eval hook,
+preemption. Throughput (losses, tokens, FLOPs, MFU, samples) belongs to ``metrics.TrainMetrics``.
 
 One optimizer step = ``grad_accum`` micro-batches. Each micro-batch carries the loader's StepPlan, a pure function
 of (seed, step) that every rank computes identically, so every rank runs the same towers and objectives in the same
@@ -13,7 +15,6 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,11 +27,11 @@ from medfm.pretrain.config import RunConfig
 from medfm.pretrain.data_report import announce_lost, lost_metrics, skip_metrics, skipped_all_ranks
 from medfm.pretrain.engine import Engine, init_distributed, setup_environment
 from medfm.pretrain.faults import FaultInjector
+from medfm.pretrain.metrics import TrainMetrics, reduce_step_totals  # noqa: F401 (reduce_step_totals: re-export)
 from medfm.pretrain.peak_flops import measure_peak_flops, mfu_metrics, mfu_peak  # noqa: F401 (re-export)
 from medfm.pretrain.preemption import Preemption
 from medfm.pretrain.reshard import keep_global_batch
 from medfm.pretrain.resume_config import apply_changes, resume_changes, saved_config
-from medfm.pretrain.step_flops import analytic_covers, analytic_micro_step_flops
 from medfm.pretrain.tracking import Tracker, flatten
 from medfm.schema import ConfigError, to_dict
 
@@ -44,14 +45,6 @@ class RunResult:
     message: str = ""
     run_id: str | None = None
     train_flops: float = 0.0  # cumulative model FLOPs (fwd + bwd, all ranks), carried across resumes
-
-
-def reduce_step_totals(loss_sums: dict[str, float], tokens: float, flops: float, world: int):
-    """(rank-mean losses, tokens, FLOPs) of one step over all ranks: one float64 all-reduce (collectives places it).
-    Each rank holds its share of the global mean loss (losses.py contract), so the sum over ranks / world is it."""
-    names = sorted(loss_sums)
-    vec = collectives.reduce_floats([loss_sums[n] for n in names] + [float(tokens), float(flops)])
-    return {n: vec[i] / world for i, n in enumerate(names)}, vec[-2], vec[-1]
 
 
 def build_data(cfg: RunConfig, engine: Engine, rank: int, world: int):
@@ -92,15 +85,6 @@ class _Batches:
             return self._start()
 
 
-def _flops_of(fn):
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        out = fn()
-    return out, counter.get_total_flops()
-
-
 def _micro_step(engine: Engine, batch: dict, plan, poisoned: bool):
     """Forward + backward of one micro-batch -> (loss names, values, tokens, names of non-finite losses).
 
@@ -127,174 +111,199 @@ def _call_hook(spec: str):
         raise ConfigError(f"eval.hook: cannot import {spec!r} ({exc})") from None
 
 
-def run(cfg: RunConfig) -> RunResult:
-    """Train ``cfg`` as one rank of the current torchrun world (or alone)."""
-    setup_environment()
-    rank, world = init_distributed()
-    try:
-        faults = FaultInjector.from_env(rank)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    t = cfg.train
-    keep_global_batch(cfg, world)  # a ZeRO-3 resume at another world size keeps the global batch sequence
-    t.check_world(world)
-    run_dir = Path(cfg.run_dir)
+def _refuse_or_resume_changes(cfg: RunConfig, run_dir: Path, rank: int, world: int) -> dict:
+    """Refuse a fresh run in a directory holding an earlier run's checkpoints, and a resume that changes what may
+    not change — both before config.yaml is rewritten. Returns the allowed changes of a resume."""
     earlier = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint.keep, rank, world).complete_tags()
     if not cfg.checkpoint.resume and earlier:
         # A fresh run would interleave its checkpoints with the old run's, prune by step number across both, and
         # could move "latest" onto a pruned tag: refuse before anything is written.
         raise ConfigError(f"run_dir {run_dir} already holds checkpoints ({', '.join(earlier[-2:])}) of an earlier "
                           "run: pass checkpoint.resume=latest to continue it, or a new name/run_dir")
-    changed = {}
-    if cfg.checkpoint.resume:  # refuse a change that may not happen on resume before config.yaml is rewritten
-        changed = resume_changes(cfg, *saved_config(CheckpointManager(run_dir / "checkpoints", cfg.checkpoint.keep,
-                                                                      rank, world), cfg.checkpoint.resume, rank),
-                                 world)
+    if not cfg.checkpoint.resume:
+        return {}
+    return resume_changes(cfg, *saved_config(CheckpointManager(run_dir / "checkpoints", cfg.checkpoint.keep, rank,
+                                                               world), cfg.checkpoint.resume, rank), world)
+
+
+def _write_config(cfg: RunConfig, run_dir: Path, rank: int) -> None:
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         tmp = run_dir / f".config.yaml.{os.getpid()}.tmp"  # every restart reads this file: never leave it torn
         tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         os.replace(tmp, run_dir / "config.yaml")
-    engine = Engine(cfg, rank, world)
-    loader = build_data(cfg, engine, rank, world)
-    batches = _Batches(loader)
-    ckpt = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint.keep, rank, world, faults=faults)
-    hook = _call_hook(cfg.eval.hook) if cfg.eval.every else None
 
-    start, samples_seen, train_flops = 0, 0, 0.0
-    if cfg.checkpoint.resume:
+
+class Trainer:
+    """One rank's training run: ``__init__`` builds everything (and restores a checkpoint), ``train`` runs it."""
+
+    def __init__(self, cfg: RunConfig):
+        setup_environment()
+        self.rank, self.world = rank, world = init_distributed()
         try:
-            tag = ckpt.resolve(cfg.checkpoint.resume)
-            client = ckpt.load(engine, tag)  # a file that needs unpickling is refused here, one line
+            self.faults = FaultInjector.from_env(rank)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        start, samples_seen = client["step"], client["samples_seen"]
-        train_flops = float(client.get("train_flops", 0.0))  # checkpoints before train_flops existed: from 0
-        loader.load_state_dict(client["loader"])
-        set_rng_state(client["rng"])
-        apply_changes(engine, changed, rank)
-    manifests = {s.name: s.fingerprint for s in loader.sources}
-    commit = git_commit()
-    peak, peak_source = mfu_peak(t.peak_tflops, engine.device, engine.dtype)  # MFU's denominator and its source
-    announce_lost(loader, rank)
-    tracker = Tracker(cfg.tracking, run_dir, rank, flatten(to_dict(cfg)),
-                      {"git_commit": commit, "world_size": str(world), "strategy": t.strategy, "mfu_peak": peak_source,
-                       **{f"manifest.{k}": v for k, v in manifests.items()},
-                       **{f"data.{k}": str(v) for k, v in lost_metrics(loader).items()},
-                       **{f"resume.changed.{k}": f"{a} -> {b}" for k, (a, b) in changed.items()}},
-                      t.steps, start, progress=t.progress)
-    flops_by_group: dict[str, float] = {}  # counter source: fwd+bwd FLOPs of one optimizer step per plan group
-    analytic = analytic_covers(engine.module)
-    result = RunResult("finished", start)
-    consecutive_bad, bad_names = 0, []
+        keep_global_batch(cfg, world)  # a ZeRO-3 resume at another world size keeps the global batch sequence
+        cfg.train.check_world(world)
+        self.cfg, self.run_dir = cfg, Path(cfg.run_dir)
+        changed = _refuse_or_resume_changes(cfg, self.run_dir, rank, world)
+        _write_config(cfg, self.run_dir, rank)
+        self.engine = Engine(cfg, rank, world)
+        self.loader = build_data(cfg, self.engine, rank, world)
+        self.batches = _Batches(self.loader)
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep, rank, world,
+                                      faults=self.faults)
+        self.hook = _call_hook(cfg.eval.hook) if cfg.eval.every else None
+        start, samples_seen, train_flops = self._restore(changed)
+        self.manifests = {s.name: s.fingerprint for s in self.loader.sources}
+        self.commit = git_commit()
+        peak, peak_source = mfu_peak(cfg.train.peak_tflops, self.engine.device, self.engine.dtype)
+        announce_lost(self.loader, rank)
+        self.tracker = self._tracker(changed, start, peak_source)
+        self.metrics = TrainMetrics(self.engine.module, cfg, world, peak, peak_source, train_flops, samples_seen)
+        self.result = RunResult("finished", start)
+        self.consecutive_bad, self.bad_names = 0, []
+        self.preempt = Preemption(self.run_dir, rank)  # SIGUSR1 / SIGTERM -> checkpoint at the next step boundary
 
-    def client_state(step: int) -> dict:
-        return {"step": step, "samples_seen": samples_seen, "train_flops": train_flops,
-                "loader": loader.state_dict(), "rng": rng_state(), "config": to_dict(cfg), "manifests": manifests,
-                "git_commit": commit, "world_size": world,
+    def _restore(self, changed: dict) -> tuple[int, int, float]:
+        """(start step, samples seen, train FLOPs) — from the checkpoint ``checkpoint.resume`` names, else zeros."""
+        if not self.cfg.checkpoint.resume:
+            return 0, 0, 0.0
+        try:
+            tag = self.ckpt.resolve(self.cfg.checkpoint.resume)
+            client = self.ckpt.load(self.engine, tag)  # a file that needs unpickling is refused here, one line
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        self.loader.load_state_dict(client["loader"])
+        set_rng_state(client["rng"])
+        apply_changes(self.engine, changed, self.rank)
+        # checkpoints written before train_flops existed: from 0
+        return client["step"], client["samples_seen"], float(client.get("train_flops", 0.0))
+
+    def _tracker(self, changed: dict, start: int, peak_source: str) -> Tracker:
+        t = self.cfg.train
+        tags = {"git_commit": self.commit, "world_size": str(self.world), "strategy": t.strategy,
+                "mfu_peak": peak_source, **{f"manifest.{k}": v for k, v in self.manifests.items()},
+                **{f"data.{k}": str(v) for k, v in lost_metrics(self.loader).items()},
+                **{f"resume.changed.{k}": f"{a} -> {b}" for k, (a, b) in changed.items()}}
+        return Tracker(self.cfg.tracking, self.run_dir, self.rank, flatten(to_dict(self.cfg)), tags, t.steps, start,
+                       progress=t.progress)
+
+    # -- the loop --------------------------------------------------------------------------------------------
+    def train(self) -> RunResult:
+        t, step = self.cfg.train, self.result.step
+        try:
+            while step < t.steps:
+                losses, skip, norms, bad = self.train_step(step)
+                step += 1
+                self.count_skip(step, skip, bad)
+                self.log_step(step, losses, skip, norms)
+                self.faults.at_step(step)
+                if self.nan_stop(step):
+                    break
+                self.maybe_checkpoint(step, skip)
+                if self.hook is not None and step % self.cfg.eval.every == 0:
+                    self.hook(self.engine.module.model, step, self.run_dir)
+                if self.preempt.stop_requested():  # every rank, every step: all stop after the same step
+                    self.result.status = "preempted"
+                    self.result.message = self.preempt.checkpoint_and_stop(step, self.save, self.ckpt.latest())
+                    break
+            else:
+                if self.cfg.checkpoint.final and self.ckpt.latest() != f"step{step}":
+                    self.save(step)
+        except BaseException:
+            self.tracker.finish("FAILED")
+            raise
+        return self.finish(step)
+
+    def train_step(self, step: int) -> tuple[dict, bool, dict | None, list[str]]:
+        """Optimizer step ``step + 1`` (``grad_accum`` micro-batches) -> (global losses, skipped, per-group grad norms
+        on a log step, names of the objectives whose loss was non-finite)."""
+        t, engine = self.cfg.train, self.engine
+        self.metrics.start_step()
+        skip, bad_names, norms = False, [], None
+        for _ in range(t.grad_accum):
+            batch = next(self.batches)
+            names, vals, tok, bad = _micro_step(engine, batch, batch.get("plan"), skip)
+            self.metrics.add_micro(batch, names, vals, tok)
+            if bad:
+                skip = True
+                bad_names.extend(bad)
+            if engine.is_boundary() and not skip and (step + 1) % t.log_every == 0:
+                norms = engine.grad_norms()
+            engine.step(skip)
+        return self.metrics.end_step(), skip, norms, sorted(set(bad_names))
+
+    def count_skip(self, step: int, skip: bool, bad: list[str]) -> None:
+        if not skip:
+            self.consecutive_bad = 0
+            return
+        self.result.skipped += 1
+        self.consecutive_bad += 1
+        self.bad_names = bad
+        if self.rank == 0:
+            print(f"medfm pretrain: step {step} skipped, non-finite loss in {', '.join(bad)} "
+                  f"({self.consecutive_bad} in a row)", file=sys.stderr)
+
+    def log_step(self, step: int, losses: dict, skip: bool, norms: dict | None) -> None:
+        """Global losses to the result; every ``log_every`` steps (and on a skipped one) the metrics record."""
+        total = sum(o.weight * losses[o.name] for o in self.cfg.objectives if o.name in losses)
+        self.result.losses.append({"step": step, **losses})
+        if step % self.cfg.train.log_every == 0 or skip:
+            metrics = {f"loss/{n}": v for n, v in losses.items()}
+            metrics.update({"loss/total": total, "lr": self.engine.lr, **self.metrics.throughput(),
+                            "skipped_steps": self.result.skipped, "samples_seen": self.metrics.samples_seen})
+            if norms:
+                metrics.update({f"grad_norm/{k}": v for k, v in norms.items()})
+            # Skipped samples by reason, summed over ranks: a collective, and every rank is here (log steps and
+            # skipped steps are the same on all ranks).
+            metrics.update(skip_metrics(self.loader))
+            metrics.update(lost_metrics(self.loader))  # left out before step 1 (constant; empty when none)
+            self.tracker.log(step, metrics)
+        self.tracker.progress(step, {"loss": total})
+
+    def nan_stop(self, step: int) -> bool:
+        """After ``nan_guard`` consecutive skipped steps: stop, naming the objectives and the last good checkpoint."""
+        if not (self.cfg.train.nan_guard and self.consecutive_bad >= self.cfg.train.nan_guard):
+            return False
+        last = self.ckpt.latest()
+        self.result.status = "nan_stop"
+        self.result.message = (f"stopped at step {step}: {self.consecutive_bad} consecutive non-finite steps in "
+                               f"{', '.join(self.bad_names)}; last good checkpoint: "
+                               f"{(self.ckpt.root / last) if last else 'none'}")
+        return True
+
+    def maybe_checkpoint(self, step: int, skip: bool) -> None:
+        every = self.cfg.checkpoint.every
+        if every and step % every == 0 and not skip:
+            self.save(step)
+
+    def save(self, step: int) -> None:
+        self.ckpt.save(self.engine, step, self.client_state(step))
+        self.faults.after_checkpoint(step)
+
+    def client_state(self, step: int) -> dict:
+        loader = self.loader
+        return {"step": step, "samples_seen": self.metrics.samples_seen, "train_flops": self.metrics.train_flops,
+                "loader": loader.state_dict(), "rng": rng_state(), "config": to_dict(self.cfg),
+                "manifests": self.manifests, "git_commit": self.commit, "world_size": self.world,
                 "data_lost": loader.lost(), "skipped_all_ranks": skipped_all_ranks(loader)}
 
-    def save(step: int) -> None:
-        ckpt.save(engine, step, client_state(step))
-        faults.after_checkpoint(step)
+    def finish(self, step: int) -> RunResult:
+        result = self.result
+        if result.status == "finished":  # MAE reconstructions PNG: every rank runs the same forwards, rank 0 writes
+            from medfm.pretrain.mae_figure import write_mae_figures
 
-    preempt = Preemption(run_dir, rank)  # SIGUSR1 / SIGTERM -> checkpoint at the next step boundary, stop
+            write_mae_figures(self.engine.module.model, self.cfg, self.run_dir, self.rank)
+        result.step, result.train_flops, result.run_id = step, self.metrics.train_flops, self.tracker.run_id
+        if result.status == "nan_stop" and self.rank == 0:
+            print(f"medfm pretrain: {result.message}", file=sys.stderr)
+        self.tracker.finish({"finished": "FINISHED", "preempted": "KILLED"}.get(result.status, "FAILED"),
+                            artifacts=(self.run_dir / "config.yaml",))
+        return result
 
-    step = start
-    try:
-        while step < t.steps:
-            t0 = time.perf_counter()
-            skip, names_bad, loss_sums, tokens, flops = False, [], {}, 0, 0.0
-            norms = None
-            for _ in range(t.grad_accum):
-                batch = next(batches)
-                plan = batch.get("plan")
-                group = getattr(plan, "group", "all")
-                if analytic:
-                    names, vals, tok, bad = _micro_step(engine, batch, plan, skip)
-                    flops += analytic_micro_step_flops(engine.module, cfg.model, batch, names)
-                elif group not in flops_by_group:  # count model FLOPs once per plan group (fwd + bwd)
-                    with engine.eager():  # counted eagerly (see Engine.eager)
-                        (names, vals, tok, bad), f = _flops_of(
-                            lambda b=batch, p=plan, s=skip: _micro_step(engine, b, p, s))
-                    flops_by_group[group] = f * t.grad_accum
-                else:
-                    names, vals, tok, bad = _micro_step(engine, batch, plan, skip)
-                if not analytic:
-                    flops += flops_by_group[group] / t.grad_accum
-                if bad:
-                    skip = True
-                    names_bad.extend(bad)
-                for n, v in zip(names, vals.tolist()):
-                    loss_sums[n] = loss_sums.get(n, 0.0) + v / t.grad_accum
-                tokens += sum(tok.values())
-                if engine.is_boundary() and not skip and (step + 1) % t.log_every == 0:
-                    norms = engine.grad_norms()
-                engine.step(skip)
-            step += 1
-            samples_seen += t.micro_batch * t.grad_accum * world
-            dt = time.perf_counter() - t0
-            # Global (rank-mean) losses: each rank holds its share of the global mean (losses.py contract).
-            # FLOPs this step executed on all ranks (skipped steps too: their compute was spent, and samples_seen
-            # counts their samples as well).
-            losses, step_tokens, step_flops = reduce_step_totals(loss_sums, tokens, flops, world)
-            train_flops += step_flops
-            total = sum(o.weight * losses[o.name] for o in cfg.objectives if o.name in losses)
-            result.losses.append({"step": step, **losses})
-            if skip:
-                result.skipped += 1
-                consecutive_bad += 1
-                bad_names = sorted(set(names_bad))
-                if rank == 0:
-                    print(f"medfm pretrain: step {step} skipped, non-finite loss in {', '.join(bad_names)} "
-                          f"({consecutive_bad} in a row)", file=sys.stderr)
-            else:
-                consecutive_bad = 0
-            if step % t.log_every == 0 or skip:
-                metrics = {f"loss/{n}": v for n, v in losses.items()}
-                metrics.update({"loss/total": total, "lr": engine.lr, "step_time_s": dt,
-                                "samples_per_s": t.micro_batch * t.grad_accum * world / dt,
-                                "tokens_per_s": step_tokens / dt, **mfu_metrics(step_flops / world / dt, peak, peak_source),
-                                "flops_analytic": float(analytic), "train_flops": train_flops,
-                                "skipped_steps": result.skipped, "samples_seen": samples_seen})
-                if norms:
-                    metrics.update({f"grad_norm/{k}": v for k, v in norms.items()})
-                # Skipped samples by reason, summed over ranks: a collective, and every rank is here (log steps and
-                # skipped steps are the same on all ranks).
-                metrics.update(skip_metrics(loader))
-                metrics.update(lost_metrics(loader))  # left out before step 1 (constant; empty when none)
-                tracker.log(step, metrics)
-            tracker.progress(step, {"loss": total})
-            faults.at_step(step)
-            if t.nan_guard and consecutive_bad >= t.nan_guard:
-                last = ckpt.latest()
-                result.status = "nan_stop"
-                result.message = (f"stopped at step {step}: {consecutive_bad} consecutive non-finite steps in "
-                                  f"{', '.join(bad_names)}; last good checkpoint: "
-                                  f"{(ckpt.root / last) if last else 'none'}")
-                break
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and not skip:
-                save(step)
-            if hook is not None and step % cfg.eval.every == 0:
-                hook(engine.module.model, step, run_dir)
-            if preempt.stop_requested():  # every rank, every step: all stop after the same step
-                result.status, result.message = "preempted", preempt.checkpoint_and_stop(step, save, ckpt.latest())
-                break
-        else:
-            if cfg.checkpoint.final and ckpt.latest() != f"step{step}":
-                save(step)
-    except BaseException:
-        tracker.finish("FAILED")
-        raise
-    if result.status == "finished":  # MAE reconstructions PNG: every rank runs the same forwards, rank 0 writes
-        from medfm.pretrain.mae_figure import write_mae_figures
 
-        write_mae_figures(engine.module.model, cfg, run_dir, rank)
-    result.step = step
-    result.train_flops = train_flops
-    result.run_id = tracker.run_id
-    if result.status == "nan_stop" and rank == 0:
-        print(f"medfm pretrain: {result.message}", file=sys.stderr)
-    tracker.finish({"finished": "FINISHED", "preempted": "KILLED"}.get(result.status, "FAILED"),
-                   artifacts=(run_dir / "config.yaml",))
-    return result
+def run(cfg: RunConfig) -> RunResult:
+    """Train ``cfg`` as one rank of the current torchrun world (or alone)."""
+    return Trainer(cfg).train()

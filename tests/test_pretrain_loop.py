@@ -1,5 +1,6 @@
 """The training loop's bookkeeping, in-process (a world of one, DDP strategy, seconds per test): skipped-sample
-metrics by reason, cumulative train FLOPs (analytic vs counter, kept across resume), the public fault hook, and
+metrics by reason, cumulative train FLOPs (kept across resume;
+the one FLOP definition shared with sweeps: test_pretrain_flops_definition.py), the public fault hook, and
 the dependency direction of checkpoint reading (evals -> model_zoo, not pretrain)."""
 
 from __future__ import annotations
@@ -92,15 +93,6 @@ def test_train_flops_analytic_counted_and_kept_across_resume(tmp_path, shards):
     assert client["train_flops"] == pytest.approx(per_step)
     resumed = _run({**cfg, "checkpoint": {"every": 1, "keep": 3, "resume": "step1"}})
     assert resumed.train_flops == pytest.approx(full.train_flops, rel=1e-12)
-
-
-def test_train_flops_fall_back_to_the_counter_outside_model_zoo_formulas(tmp_path, shards):
-    cfg = run_config(tmp_path / "run", shards, [{"name": "mae:image"}, {"name": "contrastive:image-text"}],
-                     ("image", "text"), batch=4, steps=2, train={"strategy": "ddp"})
-    res = _run(cfg)
-    rows = _metrics(tmp_path / "run")
-    assert [r["flops_analytic"] for r in rows] == [0.0, 0.0]
-    assert res.train_flops > 0 and rows[-1]["train_flops"] == pytest.approx(res.train_flops)
 
 
 class _Killed(Exception):

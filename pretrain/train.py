@@ -11,7 +11,6 @@ checkpoint kept.
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from medfm.pretrain.resume_config import apply_changes, resume_changes, saved_co
 from medfm.pretrain.step_flops import analytic_covers, analytic_micro_step_flops
 from medfm.pretrain.tracking import Tracker, flatten
 from medfm.schema import ConfigError, to_dict
+from medfm.schema.atomic import atomic_write
 
 
 @dataclass
@@ -152,9 +152,7 @@ def run(cfg: RunConfig) -> RunResult:
                                  world)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / f".config.yaml.{os.getpid()}.tmp"  # every restart reads this file: never leave it torn
-        tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        os.replace(tmp, run_dir / "config.yaml")
+        atomic_write(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))  # restarts read it
     engine = Engine(cfg, rank, world)
     loader = build_data(cfg, engine, rank, world)
     batches = _Batches(loader)

@@ -21,7 +21,7 @@ from torch import nn
 from medfm.pretrain import collectives, precision
 from medfm.pretrain.config import RunConfig, lr_factor
 from medfm.pretrain.ds_config import deepspeed_config
-from medfm.pretrain.objectives import PretrainModule, build_objective, check_objectives_fit_model
+from medfm.pretrain.objectives import PretrainModule, build_objective
 
 
 def setup_environment() -> None:
@@ -176,7 +176,6 @@ class Engine:
         # Objective-owned modules (a transformers LM, projectors) are built outside zero.Init: from_pretrained
         # must see whole tensors to load them; deepspeed.initialize partitions them right after.
         objectives = [build_objective(o, model) for o in self.cfg.objectives]
-        check_objectives_fit_model(objectives, model)
         module = PretrainModule(model, objectives)
         if self.strategy == "zero3":
             import deepspeed

@@ -13,11 +13,11 @@ import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from medfm.schema.modalities import MODALITIES  # canonical order; every list of modalities is sorted by it
+
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "val", "test")
-# Canonical modality order (docs/INTERFACES.md); every list of modalities is sorted by this.
-MODALITIES = ("image", "volume", "signal", "ehr", "text")
 # Member file name per modality inside a sample.
 MEMBER_NAMES = {"image": "image.npy", "volume": "volume.npy", "signal": "signal.npy", "ehr": "ehr.npy",
                 "text": "text.txt"}

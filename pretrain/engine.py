@@ -118,7 +118,6 @@ class Engine:
         self.ds_config = deepspeed_config(cfg, world_size) if self.strategy == "zero3" else None
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.module = self._build()
-        self.param_names = [n for n, _ in self.module.named_parameters()]
         opt = torch.optim.AdamW(param_groups(self.module, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                 betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                 # DDP: one fused kernel per tensor (CPU and CUDA) instead of ~10 foreach ops;

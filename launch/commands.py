@@ -1,4 +1,6 @@
-"""launch's subcommands of ``medfm``: ``launch``, ``sweep`` and ``scaling fit`` (registered by launch/cli.py)."""
+"""launch's subcommands of ``medfm``: ``launch``, ``sweep``, ``scaling fit|mixture`` (``add_cli``) and the arguments
+of ``zoo release`` (``add_release``: launch's verb in model_zoo's group, placed there by launch/cli.py, because it
+consolidates a training checkpoint, which model_zoo may not import)."""
 
 from __future__ import annotations
 
@@ -26,6 +28,27 @@ def _sweep(args) -> int:
     if args.finalize:
         return finalize(args.sweep, args.finalize)
     return run_sweep(args.sweep, dry_run=args.dry_run, only=args.only, backend=args.backend, resubmit=args.resubmit)
+
+
+def _release(args) -> int:
+    from medfm.launch.release import release
+
+    release(args.checkpoint, args.name, args.version, args.zoo, args.eval_report, args.force)
+    return 0
+
+
+RELEASE_HELP = "consolidate a checkpoint and publish it into the model zoo"
+
+
+def add_release(p) -> None:
+    """Arguments of ``medfm zoo release`` (and of its spelling ``medfm release``) on the parser launch/cli.py made."""
+    p.add_argument("checkpoint", help="run dir, its checkpoints/ dir, or one stepN checkpoint")
+    p.add_argument("--name", required=True)
+    p.add_argument("--version", required=True)
+    p.add_argument("--zoo", default=None, help="zoo directory (default $MEDFM_ZOO or ~/.cache/medfm/zoo)")
+    p.add_argument("--eval", dest="eval_report", default=None, help="medfm eval's report.json for the card")
+    p.add_argument("--force", action="store_true", help="replace an existing NAME:VERSION")
+    p.set_defaults(func=_release)
 
 
 def _scaling_fit(args) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 
 from medfm.schema import ConfigError
+from medfm.schema.atomic import atomic_write
 
 
 def _launch(args) -> int:
@@ -69,14 +70,8 @@ def _scaling_fit(args) -> int:
         points, held = split_holdout(points, args.holdout)
     report, fits = fit_all(points, budgets, n_boot=args.bootstrap, seed=args.seed, names=(args.n_col, args.d_col),
                            progress=True, holdout=held)
-    print(format_report(report))
-    if args.json:
-        with open(args.json, "w") as fh:
-            fh.write(report_json(report) + "\n")
-        print(f"wrote {args.json}")
-    if args.plot:
-        print(f"wrote {plot_fits(points, fits, report, args.plot)}")
-    return 0
+    return _report(args, format_report(report), lambda: report_json(report),
+                   lambda out: plot_fits(points, fits, report, out))
 
 
 def _scaling_mixture(args) -> int:
@@ -86,13 +81,18 @@ def _scaling_mixture(args) -> int:
         raise ConfigError(f"--target-samples: expected a number > 0, got {args.target_samples}")
     pts = read_mixture_points(args.results, size=args.size)
     report, laws = fit_mixture(pts, args.target_samples, n_boot=args.bootstrap, seed=args.seed)
-    print(format_mixture(report))
+    return _report(args, format_mixture(report), lambda: mixture_json(report),
+                   lambda out: plot_mixture(pts, laws, report, out))
+
+
+def _report(args, text: str, as_json, plot) -> int:
+    """Print a fit's report; write its JSON (``--json``, atomically) and figure (``--plot``) when asked."""
+    print(text)
     if args.json:
-        with open(args.json, "w") as fh:
-            fh.write(mixture_json(report) + "\n")
+        atomic_write(args.json, as_json() + "\n")
         print(f"wrote {args.json}")
     if args.plot:
-        print(f"wrote {plot_mixture(pts, laws, report, args.plot)}")
+        print(f"wrote {plot(args.plot)}")
     return 0
 
 

@@ -11,7 +11,7 @@
     step_flops.py  model FLOPs of a micro-step: model_zoo.flops formulas (MAE) or torch's flop counter
     faults.py      MEDFM_FAULT fault injection for restart tests (kill-after-checkpoint, kill-in-save)
     tracking.py    Tracker (mlflow on rank 0, metrics.jsonl, progress bar)
-    cli.py         `medfm pretrain CONFIG.yaml [key=value ...]`, `medfm pretrain-consolidate`
+    cli.py         `medfm pretrain CONFIG.yaml [key=value ...]`, `medfm pretrain consolidate` (old: pretrain-consolidate)
 
 Submodules are imported on use, so ``import medfm.pretrain`` stays cheap (no DeepSpeed import).
 """

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import threading
 from pathlib import Path
 
 
 def _tmp_path(path: Path) -> Path:
-    # Unique per process and thread: several nodes of a shared file system, or a sweep's threads, may write the same
-    # file at once; each gets its own temporary and the last rename wins with a complete file.
-    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    # Unique per host, process and thread: several nodes of a shared file system (whose pids may coincide), or a
+    # sweep's threads, may write the same file at once; each gets its own temporary and the last rename wins with a
+    # complete file.
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{threading.get_ident()}.tmp")
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -99,8 +99,7 @@ def write_volumes(out: Path, niftis: list[Path]) -> None:
             vol = np.clip(np.rint(arr), *HU_WINDOW).astype(np.int16).transpose(2, 1, 0).copy()  # z, y, x
             w.add(Sample(key=f"vol_{i}", volume=vol,
                          meta=_meta(f"vol_{i}", ["volume"], volume={"spacing": list(SPACING), "orientation": "RAS",
-                                                                    "units": "HU", "shape": list(vol.shape),
-                                                                    "window": list(HU_WINDOW)})))
+                                                                    "units": "HU", "shape": list(vol.shape)})))
 
 
 class _Monai(torch.utils.data.Dataset):
@@ -138,8 +137,9 @@ def run_wds(d: Path, batch: int, workers: int, mods) -> int:
     plan = StepPlan(0, tuple(mods), (), "all")
     ds = (wds.WebDataset(urls, shardshuffle=len(urls), nodesplitter=wds.single_node_only,
                          workersplitter=wds.split_by_worker, empty_check=False, seed=0)
-          .shuffle(256).map(_decode).batched(batch, collation_fn=partial(_collate_fn, plan, CollateConfig()),
-                                             partial=False))
+          .shuffle(256).map(_decode).batched(batch, partial=False,
+                                             collation_fn=partial(_collate_fn, plan,
+                                                                  CollateConfig(hu_window=list(HU_WINDOW)))))
     dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
     return sum(len(b["keys"]) for b in dl)
 

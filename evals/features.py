@@ -24,6 +24,7 @@ import numpy as np
 
 from medfm.evals.data import SplitIndex, read_samples
 from medfm.evals.protocols.base import ProtocolError
+from medfm.schema.atomic import atomic_path
 
 
 class ModelSourceError(ValueError):
@@ -225,11 +226,10 @@ def _save_cached(path: Path, feats: SplitFeatures, info: dict) -> None:
     from safetensors.numpy import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({"pooled": np.ascontiguousarray(feats.pooled), "embed": np.ascontiguousarray(feats.embed),
-               "positions": np.ascontiguousarray(feats.positions)}, str(tmp),
-              metadata={"keys": json.dumps(feats.keys), **{k: str(v) for k, v in info.items()}})
-    os.replace(tmp, path)  # a crash mid-write never leaves a truncated cache entry under the real name
+    with atomic_path(path) as tmp:  # a crash mid-write never leaves a truncated cache entry under the real name
+        save_file({"pooled": np.ascontiguousarray(feats.pooled), "embed": np.ascontiguousarray(feats.embed),
+                   "positions": np.ascontiguousarray(feats.positions)}, str(tmp),
+                  metadata={"keys": json.dumps(feats.keys), **{k: str(v) for k, v in info.items()}})
 
 
 def get_accelerator():

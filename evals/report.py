@@ -16,12 +16,12 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 
 from medfm.evals.bootstrap import MIN_VALID_SHARE, Estimate
+from medfm.schema.atomic import atomic_write
 
 REPORT_SCHEMA = 1
 
@@ -144,9 +144,7 @@ def write_report(results, out_dir, suite_name: str, model_info: dict, mlflow_run
     report = build_report(results, suite_name, model_info)
     for name, text in (("report.json", json.dumps(report, indent=2, allow_nan=False)),
                        ("report.md", markdown_table(report))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+        atomic_write(out / name, text)
     pngs = plot_curves(results, out)
     if mlflow_run:
         log_mlflow(report, mlflow_run, [out / "report.json", out / "report.md", *pngs])

@@ -27,7 +27,6 @@ from typing import Literal
 
 import numpy as np
 
-from medfm.evals.bootstrap import Estimate
 from medfm.evals.data import LabelSpec, extract_labels, index_split
 from medfm.evals.metrics import MetricError
 from medfm.evals.protocols.base import FeatureSplit, ProtocolError, ProtocolResult, Row, TaskInfo
@@ -387,10 +386,6 @@ def run_suite(suite: EvalSuite, model, model_hash: str, out_dir=None, accelerato
             print(f"[eval] {task.name} ({task.protocol}) {status} in {res.seconds:.1f}s", flush=True)
         results.append(res)
     return results
-
-
-def estimate_of(row: Row) -> Estimate | None:
-    return row.estimate if isinstance(row.estimate, Estimate) else None
 
 
 __all__ = ["EvalSuite", "PROTOCOLS", "ProtocolResult", "TaskConfig", "TaskData", "TaskResult", "load_suite",

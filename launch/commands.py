@@ -1,10 +1,13 @@
-"""launch's subcommands of ``medfm``: ``launch``, ``sweep`` and ``scaling fit`` (registered by launch/cli.py)."""
+"""launch's subcommands of ``medfm``: ``launch``, ``sweep``, ``scaling fit|mixture`` (``add_cli``) and the arguments
+of ``zoo release`` (``add_release``: launch's verb in model_zoo's group, placed there by launch/cli.py, because it
+consolidates a training checkpoint, which model_zoo may not import)."""
 
 from __future__ import annotations
 
 import argparse
 
 from medfm.schema import ConfigError
+from medfm.schema.atomic import atomic_write
 
 
 def _launch(args) -> int:
@@ -28,6 +31,27 @@ def _sweep(args) -> int:
     return run_sweep(args.sweep, dry_run=args.dry_run, only=args.only, backend=args.backend, resubmit=args.resubmit)
 
 
+def _release(args) -> int:
+    from medfm.launch.release import release
+
+    release(args.checkpoint, args.name, args.version, args.zoo, args.eval_report, args.force)
+    return 0
+
+
+RELEASE_HELP = "consolidate a checkpoint and publish it into the model zoo"
+
+
+def add_release(p) -> None:
+    """Arguments of ``medfm zoo release`` (and of its spelling ``medfm release``) on the parser launch/cli.py made."""
+    p.add_argument("checkpoint", help="run dir, its checkpoints/ dir, or one stepN checkpoint")
+    p.add_argument("--name", required=True)
+    p.add_argument("--version", required=True)
+    p.add_argument("--zoo", default=None, help="zoo directory (default $MEDFM_ZOO or ~/.cache/medfm/zoo)")
+    p.add_argument("--eval", dest="eval_report", default=None, help="medfm eval's report.json for the card")
+    p.add_argument("--force", action="store_true", help="replace an existing NAME:VERSION")
+    p.set_defaults(func=_release)
+
+
 def _scaling_fit(args) -> int:
     from medfm.launch.scaling import (
         fit_all,
@@ -46,14 +70,8 @@ def _scaling_fit(args) -> int:
         points, held = split_holdout(points, args.holdout)
     report, fits = fit_all(points, budgets, n_boot=args.bootstrap, seed=args.seed, names=(args.n_col, args.d_col),
                            progress=True, holdout=held)
-    print(format_report(report))
-    if args.json:
-        with open(args.json, "w") as fh:
-            fh.write(report_json(report) + "\n")
-        print(f"wrote {args.json}")
-    if args.plot:
-        print(f"wrote {plot_fits(points, fits, report, args.plot)}")
-    return 0
+    return _report(args, format_report(report), lambda: report_json(report),
+                   lambda out: plot_fits(points, fits, report, out))
 
 
 def _scaling_mixture(args) -> int:
@@ -63,13 +81,18 @@ def _scaling_mixture(args) -> int:
         raise ConfigError(f"--target-samples: expected a number > 0, got {args.target_samples}")
     pts = read_mixture_points(args.results, size=args.size)
     report, laws = fit_mixture(pts, args.target_samples, n_boot=args.bootstrap, seed=args.seed)
-    print(format_mixture(report))
+    return _report(args, format_mixture(report), lambda: mixture_json(report),
+                   lambda out: plot_mixture(pts, laws, report, out))
+
+
+def _report(args, text: str, as_json, plot) -> int:
+    """Print a fit's report; write its JSON (``--json``, atomically) and figure (``--plot``) when asked."""
+    print(text)
     if args.json:
-        with open(args.json, "w") as fh:
-            fh.write(mixture_json(report) + "\n")
+        atomic_write(args.json, as_json() + "\n")
         print(f"wrote {args.json}")
     if args.plot:
-        print(f"wrote {plot_mixture(pts, laws, report, args.plot)}")
+        print(f"wrote {plot(args.plot)}")
     return 0
 
 

@@ -1,9 +1,9 @@
 """What a real start checks, done by ``medfm launch --dry-run`` without weights or a world.
 
 The run's PretrainModule (towers, heads, decoders, objective-owned modules) is instantiated on the meta device, so
-nothing is allocated, and then:
+nothing is allocated, and then (objectives vs towers was checked when the config loaded: ``RunConfig.validate``
+calls ``pretrain.objectives.check_objectives_fit``):
 
-* towers vs objectives: every objective's modalities have a tower (``check_objectives_fit_model``);
 * pretrained sources exist: text towers' ``path`` / ``tokenizer``, ``model.init_from`` and
   ``model.towers.<m>.init_from`` (``model_zoo.init_from.check_sources``), ``lm:`` objectives' ``lm_path``;
 * tokenizer vs vocabulary: the tokenizer the loader will use fits the text tower's (and caption decoder's) vocabulary;
@@ -28,7 +28,7 @@ def _build_on_meta(cfg):
     import torch
 
     from medfm.model_zoo import build_multimodal
-    from medfm.pretrain.objectives import PretrainModule, build_objective, check_objectives_fit_model
+    from medfm.pretrain.objectives import PretrainModule, build_objective
 
     mcfg = copy.deepcopy(cfg.model)
     for spec in mcfg.towers.values():
@@ -40,10 +40,6 @@ def _build_on_meta(cfg):
             objectives = [build_objective(o, model) for o in cfg.objectives]
         except (ValueError, OSError) as exc:
             return None, [f"objectives: {exc}"]
-    try:
-        check_objectives_fit_model(objectives, model)
-    except ValueError as exc:
-        return None, [f"objectives: {exc}"]
     return PretrainModule(model, objectives), []
 
 

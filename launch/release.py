@@ -1,4 +1,5 @@
-"""``medfm release CHECKPOINT --name NAME --version V [--zoo DIR] [--eval REPORT.json] [--force]``.
+"""``medfm zoo release CHECKPOINT --name NAME --version V [--zoo DIR] [--eval REPORT.json] [--force]`` (also spelled
+``medfm release``; the command line is in launch/commands.py).
 
 Consolidates a training checkpoint (ZeRO-3 partitions or DDP), rebuilds the MultiModalModel from the resolved
 config saved with it, and publishes it into a zoo in model_zoo's release format. The model card is assembled from
@@ -214,14 +215,3 @@ def release(checkpoint, name: str, version: str, zoo=None, eval_report=None, for
                            extra=provenance, tokenizer=tokenizer)
     log(f"released {ref} -> {dest}")
     return dest
-
-
-def add_cli(sub) -> None:
-    p = sub.add_parser("release", help="consolidate a checkpoint and publish it into the model zoo")
-    p.add_argument("checkpoint", help="run dir, its checkpoints/ dir, or one stepN checkpoint")
-    p.add_argument("--name", required=True)
-    p.add_argument("--version", required=True)
-    p.add_argument("--zoo", default=None, help="zoo directory (default $MEDFM_ZOO or ~/.cache/medfm/zoo)")
-    p.add_argument("--eval", dest="eval_report", default=None, help="medfm eval's report.json for the card")
-    p.add_argument("--force", action="store_true", help="replace an existing NAME:VERSION")
-    p.set_defaults(func=lambda a: (release(a.checkpoint, a.name, a.version, a.zoo, a.eval_report, a.force), 0)[1])

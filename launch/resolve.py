@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from medfm.schema import ConfigError, apply_overrides, read_yaml_mapping, to_dict
+from medfm.schema.atomic import atomic_write
 from medfm.shards.manifest import ManifestError, load_manifest
 
 RUNS_ROOT = "runs"
@@ -109,10 +110,7 @@ def write_resolved(cfg, run_dir: Path) -> Path:
     text = resolved_yaml(cfg)
     if out.is_file() and out.read_text() == text:
         return out
-    tmp = run_dir / f".config.yaml.{os.getpid()}.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, out)
-    return out
+    return atomic_write(out, text)
 
 
 def check_fresh_run(cfg) -> None:

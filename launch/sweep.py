@@ -53,7 +53,6 @@ import os
 import shlex
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -64,6 +63,7 @@ import yaml
 
 from medfm.pretrain.world_env import WORLD_ENV, env_outside_world
 from medfm.schema import ConfigError, load_yaml
+from medfm.schema.atomic import atomic_open, atomic_write
 
 COLUMNS = ["name", "size", "budget", "mixture", "params", "samples", "steps", "flops_per_sample", "train_flops",
            "planned_train_flops", "train_loss", "eval_loss", "eval_split", "status", "started", "finished", "run_dir"]
@@ -331,14 +331,12 @@ def _columns(rows: list[dict]) -> list[str]:
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(f".csv.{os.getpid()}.{threading.get_ident()}.tmp")
     cols = _columns(rows)
-    with tmp.open("w", newline="") as fh:
+    with atomic_open(path, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=cols)
         w.writeheader()
         for r in rows:
             w.writerow({k: r.get(k, "") for k in cols})
-    os.replace(tmp, path)
 
 
 def point_row(p: Planned) -> dict:
@@ -450,9 +448,7 @@ def finalize_point(sweep: SweepConfig, p: Planned, threads: int | None = None, s
            **{f"eval_loss/{k}": v for k, v in val["losses"].items()}}
     if seen and seen != p.facts["samples"]:
         row["samples"] = seen
-    tmp = p.run_dir / ".point.json.tmp"
-    tmp.write_text(json.dumps(row))
-    os.replace(tmp, p.run_dir / "point.json")
+    atomic_write(p.run_dir / "point.json", json.dumps(row))
     (p.run_dir / "attempt.json").unlink(missing_ok=True)
     return {"status": "done", **row}
 

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 from pathlib import Path
 
 import torch
+
+from medfm.schema.atomic import atomic_write
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"
@@ -87,18 +88,14 @@ def resolve_tag(root, spec: str) -> str:
 
 
 def write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=1))
 
 
 def mark_complete(root, tag: str, world_size: int, step: int) -> None:
     """Rank 0, after every rank has written: COMPLETE, then move ``latest`` onto ``tag`` (both atomic)."""
     root = Path(root)
     write_json_atomic(root / tag / COMPLETE, {"world_size": world_size, "step": step})
-    tmp = root / (LATEST + ".tmp")
-    tmp.write_text(tag)
-    os.replace(tmp, root / LATEST)
+    atomic_write(root / LATEST, tag)
 
 
 def find_checkpoint(path) -> tuple[Path, str]:

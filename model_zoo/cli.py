@@ -1,4 +1,5 @@
-"""`medfm zoo list | show NAME[:V] | verify NAME[:V]` (the local model zoo; `medfm release` writes into it)."""
+"""`medfm zoo list | show NAME[:V] | verify NAME[:V]` (the local model zoo; `medfm zoo release`, launch's, writes
+into it)."""
 
 from __future__ import annotations
 
@@ -68,8 +69,8 @@ def _verify(args) -> int:
     return 1 if problems else 0
 
 
-def add_cli(subparsers) -> None:
-    zoo = subparsers.add_parser("zoo", help="list / show / verify released models in the local zoo")
+def add_cli(subparsers):
+    zoo = subparsers.add_parser("zoo", help="the local model zoo: list / show / verify releases, release a checkpoint")
     zsub = zoo.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND")
     zsub.required = True
     common = {"default": None, "help": "zoo directory (default $MEDFM_ZOO or ~/.cache/medfm/zoo)"}
@@ -86,3 +87,4 @@ def add_cli(subparsers) -> None:
     p.add_argument("ref")
     p.add_argument("--zoo", **common)
     p.set_defaults(func=_verify)
+    return zsub  # launch/cli.py adds `zoo release` (it consolidates training checkpoints: not model_zoo's to import)

@@ -15,8 +15,8 @@ from medfm.model_zoo.heads import ProjectionHead
 from medfm.model_zoo.mae import decoder_for
 from medfm.model_zoo.registry import create, get_spec
 from medfm.schema import ConfigError
+from medfm.schema.modalities import MODALITIES
 
-MODALITIES = ("image", "volume", "signal", "ehr", "text")
 MAE_MODALITIES = ("image", "volume", "signal")
 
 

@@ -12,7 +12,7 @@ from medfm.model_zoo.text import MINILM, TextConfig, TextTower
 from medfm.model_zoo.tower import Tower
 from medfm.model_zoo.vit2d import ViT2D, ViT2DConfig
 from medfm.model_zoo.vit3d import ViT3D, ViT3DConfig
-from medfm.schema import ConfigError, from_dict, to_dict
+from medfm.schema import ConfigError, from_dict
 
 
 @dataclass
@@ -61,7 +61,6 @@ def create(name: str, **overrides) -> Tower:
     cfg = model_config(name, **overrides)
     tower = spec.tower_cls(cfg)
     tower.arch = name
-    tower.arch_overrides = {k: to_dict(v) for k, v in overrides.items()}
     return tower
 
 

@@ -157,6 +157,3 @@ class SignalTransformer(Tower):
             valid = F.pad(signal_valid.to(torch.bool), (0, n * self.patch_size - signal_valid.shape[1]), value=False)
             valid = rearrange(valid, "b (n p) -> b n p", p=self.patch_size).any(dim=-1)
         return masked_mean(tokens[:, 1:], valid)
-
-    def default_grid(self, n: int) -> tuple[int]:
-        return (n,)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -137,11 +136,3 @@ class ViT2D(Tower):
         if self.cfg.pool == "cls":
             return tokens[:, 0]
         return masked_mean(tokens[:, self.num_prefix_tokens :], None)
-
-    def default_grid(self, n: int) -> tuple[int, int]:
-        if n == self.grid[0] * self.grid[1]:
-            return self.grid
-        side = math.isqrt(n)
-        if side * side != n:
-            raise ValueError(f"cannot infer a 2D grid for {n} tokens; pass grid=")
-        return side, side

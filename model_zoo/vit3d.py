@@ -122,8 +122,3 @@ class ViT3D(Tower):
 
     def pool(self, tokens: torch.Tensor, **masks) -> torch.Tensor:
         return tokens[:, 0] if self.cfg.pool == "cls" else masked_mean(tokens[:, 1:], None)
-
-    def default_grid(self, n: int) -> tuple[int, int, int]:
-        if n == math.prod(self.grid):
-            return self.grid
-        raise ValueError(f"{n} tokens do not match the configured 3D grid {self.grid}; pass grid=")

@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 
 from medfm.model_zoo.release import ReleaseError, read_release_config, save_release, sha256_file, verify_release
+from medfm.schema.atomic import atomic_write
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -74,9 +75,7 @@ class Zoo:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _write_index(self, index: dict) -> None:
-        tmp = self.index_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(index, indent=2, sort_keys=True))
-        os.replace(tmp, self.index_path)
+        atomic_write(self.index_path, json.dumps(index, indent=2, sort_keys=True))
 
     # -- queries -------------------------------------------------------------------------------------------------
     def list(self) -> list[dict]:

@@ -12,7 +12,7 @@
     step_flops.py  the one FLOP definition (model_zoo.flops formulas): per micro-batch (trainer), a priori (sweeps)
     faults.py      MEDFM_FAULT fault injection for restart tests (kill-after-checkpoint, kill-in-save)
     tracking.py    Tracker (mlflow on rank 0, metrics.jsonl, progress bar)
-    cli.py         `medfm pretrain CONFIG.yaml [key=value ...]`, `medfm pretrain-consolidate`
+    cli.py         `medfm pretrain CONFIG.yaml [key=value ...]`, `medfm pretrain consolidate` (old: pretrain-consolidate)
 
 Submodules are imported on use, so ``import medfm.pretrain`` stays cheap (no DeepSpeed import).
 """

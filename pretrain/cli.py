@@ -1,7 +1,7 @@
 """``medfm pretrain CONFIG.yaml [key=value ...]``: one process of a torchrun world (or a world of one alone).
 
-``medfm pretrain-consolidate RUN_DIR|CHECKPOINT_DIR [--tag TAG] --out model.safetensors`` merges ZeRO-3 partitions
-into one fp32 safetensors file (what model_zoo's release takes).
+``medfm pretrain consolidate RUN_DIR|CHECKPOINT_DIR [--tag TAG] --out model.safetensors`` merges ZeRO-3 partitions
+into one fp32 safetensors file (what model_zoo's release takes); ``medfm pretrain-consolidate`` is its old spelling.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from medfm.schema import ConfigError
+from medfm.schema.atomic import atomic_path
 
 
 def _pretrain(args) -> int:
@@ -50,7 +51,8 @@ def _consolidate(args) -> int:
     if not args.full:
         sd = model_state_dict(sd)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in sd.items()}, args.out)
+    with atomic_path(args.out) as tmp:  # a failed or killed write never leaves a torn file under --out
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp))
     print(f"wrote {len(sd)} tensors to {args.out}")
     return 0
 
@@ -61,7 +63,13 @@ def add_cli(subparsers) -> None:
     p.add_argument("config", help="run config YAML (see configs/pretrain/)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=10")
     p.set_defaults(func=_pretrain)
-    c = subparsers.add_parser("pretrain-consolidate", help="merge a ZeRO-3 checkpoint into one fp32 safetensors")
+
+
+CONSOLIDATE_HELP = "merge a ZeRO-3 checkpoint into one fp32 safetensors"
+
+
+def add_consolidate(c) -> None:
+    """Arguments of ``medfm pretrain consolidate`` on the parser the CLI assembly (launch/cli.py) made for it."""
     c.add_argument("path", help="run directory or its checkpoints/ directory")
     c.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
     c.add_argument("--out", required=True, help="output .safetensors")

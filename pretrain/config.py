@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from medfm.model_zoo import MultiModalConfig
-from medfm.pretrain.objectives import ObjectiveConfig
+from medfm.pretrain.objectives import ObjectiveConfig, check_objectives_fit
 from medfm.schema import ConfigError, load_yaml
 from medfm.shards.loader import LoaderConfig
 
@@ -209,14 +209,7 @@ class RunConfig:
                 o.validate()
             except ValueError as exc:
                 raise ValueError(f"objectives[{i}]: {exc}") from None
-            for m in o.modalities:
-                if m not in self.model.towers:
-                    raise ValueError(f"objectives[{i}] {o.name!r} needs model.towers.{m} (have "
-                                     f"{sorted(self.model.towers)})")
-            if o.kind == "mae" and o.modalities[0] not in self.model.mae:
-                raise ValueError(f"objectives[{i}] {o.name!r} needs '{o.modalities[0]}' in model.mae")
-            if o.kind == "caption" and not self.model.caption.enabled:
-                raise ValueError(f"objectives[{i}] {o.name!r} needs model.caption.enabled=true")
+        check_objectives_fit(self.objectives, self.model)
         for g in getattr(getattr(self.data, "plan", None), "groups", []) or []:
             for obj in g.objectives:
                 if obj not in names:

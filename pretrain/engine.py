@@ -21,7 +21,7 @@ from torch import nn
 from medfm.pretrain import collectives, precision
 from medfm.pretrain.config import RunConfig, lr_factor
 from medfm.pretrain.ds_config import deepspeed_config
-from medfm.pretrain.objectives import PretrainModule, build_objective, check_objectives_fit_model
+from medfm.pretrain.objectives import PretrainModule, build_objective
 
 
 def setup_environment() -> None:
@@ -118,7 +118,6 @@ class Engine:
         self.ds_config = deepspeed_config(cfg, world_size) if self.strategy == "zero3" else None
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.module = self._build()
-        self.param_names = [n for n, _ in self.module.named_parameters()]
         opt = torch.optim.AdamW(param_groups(self.module, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                 betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                 # DDP: one fused kernel per tensor (CPU and CUDA) instead of ~10 foreach ops;
@@ -176,7 +175,6 @@ class Engine:
         # Objective-owned modules (a transformers LM, projectors) are built outside zero.Init: from_pretrained
         # must see whole tensors to load them; deepspeed.initialize partitions them right after.
         objectives = [build_objective(o, model) for o in self.cfg.objectives]
-        check_objectives_fit_model(objectives, model)
         module = PretrainModule(model, objectives)
         if self.strategy == "zero3":
             import deepspeed

@@ -21,10 +21,10 @@ from typing import Literal
 import torch
 from torch import nn
 
+from medfm.model_zoo.multimodal import MAE_MODALITIES
 from medfm.pretrain.losses import ClipLoss, SigLipLoss, caption_loss, mae_loss
+from medfm.schema.modalities import MODALITIES
 
-MODALITIES = ("image", "volume", "signal", "ehr", "text")
-MAE_MODALITIES = ("image", "volume", "signal")
 KINDS = ("mae", "contrastive", "caption", "lm")
 # MAE paper defaults: 0.75 for 2D; volumes are more redundant (VideoMAE / MAE-3D use 0.75-0.9); signals ~0.5.
 DEFAULT_MASK_RATIO = {"image": 0.75, "volume": 0.85, "signal": 0.5}
@@ -277,20 +277,20 @@ def build_objective(cfg: ObjectiveConfig, model) -> Objective:
     return LMObjective(cfg, model.towers[modality].width)
 
 
-def check_objectives_fit_model(objectives, model) -> None:
-    """One-line errors for objectives the model cannot serve (missing tower, decoder or head)."""
-    for obj in objectives:
-        for m in obj.modalities:
+def check_objectives_fit(objectives: list[ObjectiveConfig], model) -> None:
+    """One-line errors for objectives the model config (``MultiModalConfig``) cannot serve: a missing tower, MAE
+    decoder or caption decoder (every tower gets a projection head, so contrastive pairs need only the towers).
+
+    The one check of objectives against the model: ``RunConfig.validate`` runs it, so ``medfm launch`` (and its
+    ``--dry-run`` preflight), ``medfm pretrain`` and the engine all refuse a misfit before anything is built."""
+    for i, o in enumerate(objectives):
+        for m in o.modalities:
             if m not in model.towers:
-                raise ValueError(f"objective {obj.name!r} needs a {m!r} tower; model has {sorted(model.towers)}")
-        if isinstance(obj, MAEObjective) and obj.modality not in model.mae_decoders:
-            raise ValueError(f"objective {obj.name!r} needs model.mae_decoders[{obj.modality!r}]")
-        if isinstance(obj, ContrastiveObjective):
-            for m in (obj.a, obj.b):
-                if m not in model.heads:
-                    raise ValueError(f"objective {obj.name!r} needs a projection head model.heads[{m!r}]")
-        if isinstance(obj, CaptionObjective) and getattr(model, "caption_decoder", None) is None:
-            raise ValueError(f"objective {obj.name!r} needs model.caption_decoder (enable it in the model config)")
+                raise ValueError(f"objectives[{i}] {o.name!r} needs model.towers.{m} (have {sorted(model.towers)})")
+        if o.kind == "mae" and o.modalities[0] not in model.mae:
+            raise ValueError(f"objectives[{i}] {o.name!r} needs '{o.modalities[0]}' in model.mae")
+        if o.kind == "caption" and not model.caption.enabled:
+            raise ValueError(f"objectives[{i}] {o.name!r} needs model.caption.enabled=true")
 
 
 def active_objectives(objectives: list, plan) -> list:

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from medfm.pretrain import collectives
+from medfm.schema.atomic import atomic_write
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 REQUEUE_SIGNALS = (signal.SIGUSR1,)
@@ -81,10 +82,9 @@ class Preemption:
             save(step)
         name = "SIGUSR1" if self.requeue else "SIGTERM"
         if self.requeue and self.rank == 0:
-            tmp = self.marker.with_name(f".{MARKER}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"step": step, "signal": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                       "job_id": os.environ.get("SLURM_JOB_ID")}) + "\n")
-            os.replace(tmp, self.marker)
+            atomic_write(self.marker, json.dumps({"step": step, "signal": name,
+                                                  "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                                  "job_id": os.environ.get("SLURM_JOB_ID")}) + "\n")
         _caught.clear()
         then = ("the SLURM batch script requeues the job, which resumes from it" if self.requeue
                 else "resume with checkpoint.resume=latest")

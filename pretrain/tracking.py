@@ -15,6 +15,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from medfm.schema.atomic import atomic_write
+
 
 def flatten(d, prefix: str = "") -> dict[str, str]:
     """Nested dict/list -> {"a.b.0.c": str(value)} (mlflow params are strings of at most 6000 chars)."""
@@ -49,9 +51,7 @@ def drop_rows_after(path: Path, step: int) -> dict[str, list[tuple[int, float]]]
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):
                     history.setdefault(k, []).append((row["step"], float(v)))
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(line + "\n" for line in kept))
     return history
 
 
@@ -140,9 +140,7 @@ class Tracker:
                 client.delete_run(old)
             except Exception as exc:  # noqa: BLE001 - the old run may live in another store or be gone
                 warnings.warn(f"mlflow: could not supersede the earlier attempt's run {old}: {exc}", stacklevel=2)
-        tmp = marker.with_name(marker.name + ".tmp")
-        tmp.write_text(self._run_id)
-        os.replace(tmp, marker)
+        atomic_write(marker, self._run_id)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if self.rank != 0:

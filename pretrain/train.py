@@ -13,7 +13,6 @@ checkpoint kept.
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from medfm.pretrain.reshard import keep_global_batch
 from medfm.pretrain.resume_config import apply_changes, resume_changes, saved_config
 from medfm.pretrain.tracking import Tracker, flatten
 from medfm.schema import ConfigError, to_dict
+from medfm.schema.atomic import atomic_write
 
 
 @dataclass
@@ -129,9 +129,7 @@ def _refuse_or_resume_changes(cfg: RunConfig, run_dir: Path, rank: int, world: i
 def _write_config(cfg: RunConfig, run_dir: Path, rank: int) -> None:
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / f".config.yaml.{os.getpid()}.tmp"  # every restart reads this file: never leave it torn
-        tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        os.replace(tmp, run_dir / "config.yaml")
+        atomic_write(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))  # restarts read it
 
 
 class Trainer:

@@ -115,19 +115,10 @@ def image_to_float(img: np.ndarray, channels: int) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
-def hu_window_of(meta: dict, default: Sequence[float]) -> tuple[float, float]:
-    """The CT window chosen at shard time (meta.volume.window or meta.preprocessing.volume.window), else default."""
-    for block in (meta.get("volume") or {}, (meta.get("preprocessing") or {}).get("volume") or {}):
-        w = block.get("window") if isinstance(block, dict) else None
-        if isinstance(w, (list, tuple)) and len(w) == 2 and w[0] < w[1]:
-            return float(w[0]), float(w[1])
-    return float(default[0]), float(default[1])
-
-
 def volume_to_float(vol: np.ndarray, meta: dict, cfg: CollateConfig) -> np.ndarray:
     units = (meta.get("volume") or {}).get("units", "HU")
     if units == "HU":
-        lo, hi = hu_window_of(meta, cfg.hu_window)
+        lo, hi = cfg.hu_window  # shards store clipped HU (meta.preprocessing.volume.clip_hu), no per-sample window
         return np.clip((vol.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
     return vol.astype(np.float32)
 

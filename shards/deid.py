@@ -21,7 +21,7 @@ import hashlib
 import hmac
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 PROFILE = "DICOM PS3.15 Annex E Basic Application Level Confidentiality Profile + Retain Longitudinal Temporal " \
           "Information with Modified Dates Option; HMAC-SHA256 pseudonyms"
@@ -267,16 +267,6 @@ def scrub_text(text: str, terms=()) -> str:
     from medfm.shards.scrub import scrub_text as _scrub
 
     return _scrub(text, terms)
-
-
-@dataclass
-class TextScrubber:
-    """Removes identifiers from free text; ``terms`` are names/ids revealed by the source's metadata."""
-
-    terms: list[str] = field(default_factory=list)
-
-    def scrub(self, text: str) -> str:
-        return scrub_text(text, self.terms)
 
 
 def stamp(cfg: DeidConfig, salt_source: str) -> dict:

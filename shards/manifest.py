@@ -13,11 +13,12 @@ import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+# The canonical modality order (every list of modalities is sorted by it), re-exported as part of the shard format.
+from medfm.schema.modalities import MODALITIES  # noqa: F401
+
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "val", "test")
-# Canonical modality order (docs/INTERFACES.md); every list of modalities is sorted by this.
-MODALITIES = ("image", "volume", "signal", "ehr", "text")
 # Member file name per modality inside a sample.
 MEMBER_NAMES = {"image": "image.npy", "volume": "volume.npy", "signal": "signal.npy", "ehr": "ehr.npy",
                 "text": "text.txt"}
@@ -32,15 +33,6 @@ SHARD_PATTERN = "{prefix}-{index:06d}.tar"
 
 class ManifestError(ValueError):
     """manifest.json is missing, unreadable, or not the shape this version writes (one line, names the field)."""
-
-
-def canonical_modalities(names) -> list[str]:
-    """``names`` in canonical order; an unknown name raises ValueError."""
-    names = set(names)
-    unknown = names - set(MODALITIES)
-    if unknown:
-        raise ValueError(f"unknown modality {sorted(unknown)[0]!r} (expected one of {list(MODALITIES)})")
-    return [m for m in MODALITIES if m in names]
 
 
 def normalize_ratios(ratios: Mapping[str, float] | Sequence[float] | None) -> dict[str, float]:

@@ -125,45 +125,50 @@ def make_corpus(n_docs: int = 80, seed: int = 0) -> list[Document]:
             doc.benign.append(Benign(kind, v))
             return v
 
-        t = i % 10
-        if t == 0:
-            acc_text, acc_v = _acc(r, i)
-            parts.append(f"CLINICAL HISTORY: {plant('age_over_89', _age(r, i))} with cough. "
-                         f"Patient: {plant('name', f'{first} {last}', [first, last])}. "
-                         f"MRN: {plant('mrn', _mrn(r))}. {plant('accession', acc_text, [acc_v])}.")
-        elif t == 1:
+        # The planted identifiers the templates below share (drawn where they stand, so the corpus is unchanged).
+        def name(a=first, b=last, fmt="{a} {b}"):
+            return plant("name", fmt.format(a=a, b=b), [a, b])
+
+        def date(i=i):
+            return plant("date", _date(r, i))
+
+        def age(i=i):
+            return plant("age_over_89", _age(r, i))
+
+        def phone(i=i):
             ph, local = _phone(r, i)
-            parts.append(f"Findings discussed with Dr. {plant('surname', last2)} by telephone at "
-                         f"{plant('phone', ph, [ph, local])} on {plant('date', _date(r, i))}.")
+            return plant("phone", ph, [ph, local])
+
+        t = i % 10
+        if t in (0, 6):
+            acc_text, acc_v = _acc(r, i)
+            parts.append(f"CLINICAL HISTORY: {age()} with cough. Patient: {name()}. MRN: {plant('mrn', _mrn(r))}. "
+                         f"{plant('accession', acc_text, [acc_v])}." if t == 0 else
+                         f"Comparison: CT of {date()}. {plant('accession', acc_text, [acc_v])}. "
+                         f"Record number {plant('mrn', _mrn(r))}.")
+        elif t == 1:
+            parts.append(f"Findings discussed with Dr. {plant('surname', last2)} by telephone at {phone()} on "
+                         f"{date()}.")
         elif t == 2:
-            parts.append(f"Electronically signed by {plant('name', f'{first} {last}', [first, last])}, MD on "
-                         f"{plant('date', _date(r, i))}.")
+            parts.append(f"Electronically signed by {name()}, MD on {date()}.")
         elif t == 3:
             email = f"{first.lower()}.{last.lower().replace(chr(39), '')}@clinic-{i}.org"
-            parts.append(f"Referring physician: {plant('name', f'{last}, {first}', [first, last])}. "
-                         f"Contact {plant('email', email)}.")
+            parts.append(f"Referring physician: {name(fmt='{b}, {a}')}. Contact {plant('email', email)}.")
         elif t == 4:
             addr, vanish = _address(r, i)
-            ph, local = _phone(r, i)
-            parts.append(f"Patient lives at {plant('address', addr, vanish)}. Emergency contact: daughter "
-                         f"{plant('name', f'{first2} {last2}', [first2, last2])}, phone {plant('phone', ph, [ph, local])}.")
+            address = plant("address", addr, vanish)
+            parts.append(f"Patient lives at {address}. Emergency contact: daughter {name(first2, last2)}, "
+                         f"phone {phone()}.")
         elif t == 5:
-            parts.append(f"{plant('name', f'{first} {last}', [first, last])} is a "
-                         f"{plant('age_over_89', _age(r, i))} woman with {benign('eponym')}.")
-        elif t == 6:
-            acc_text, acc_v = _acc(r, i)
-            parts.append(f"Comparison: CT of {plant('date', _date(r, i))}. {plant('accession', acc_text, [acc_v])}. "
-                         f"Record number {plant('mrn', _mrn(r))}.")
+            parts.append(f"{name()} is a {age()} woman with {benign('eponym')}.")
         elif t == 7:
-            parts.append(f"Results communicated to {plant('name', f'{first} {last}', [first, last])}, RN at 10:42 "
-                         f"on {plant('date', _date(r, i))}.")
+            parts.append(f"Results communicated to {name()}, RN at 10:42 on {date()}.")
         elif t == 8:
-            parts.append(f"Mrs. {plant('surname', last)} returns for follow-up; DOB {plant('date', _date(r, i))}. "
+            parts.append(f"Mrs. {plant('surname', last)} returns for follow-up; DOB {date()}. "
                          f"Seen today by {plant('given_name', first2)} from the wound team.")
         else:
             mrn = _mrn(r)
-            parts.append(f"Ms {plant('name', f'{first} {last}', [first, last])} (MRN {plant('mrn', mrn)}) "
-                         f"tolerated the procedure; the patient, {plant('age_over_89', _age(r, i))}, "
+            parts.append(f"Ms {name()} (MRN {plant('mrn', mrn)}) tolerated the procedure; the patient, {age()}, "
                          f"was discharged to {plant('address', *_address(r, i))}.")
         parts.append(f"There is a {benign('measurement')} near the {benign('anatomy_code')}; {benign('score')}. "
                      f"Compared with a {benign('age_under_90')} reference.")

@@ -14,13 +14,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import tarfile
 import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from medfm.schema.atomic import atomic_open, commit_file
 from medfm.shards.manifest import (
     MANIFEST_NAME,
     META_MEMBER,
@@ -49,14 +49,9 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
 
 
 def write_json_atomic(path, obj) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=True, ensure_ascii=False)
         f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def member_checksums(members, names) -> dict[str, list[int]]:
@@ -117,12 +112,9 @@ class DatasetWriter:
         if self._tar is None:
             return
         self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
         self._file.close()
         cur = self._cur
-        final = self.out_dir / cur["name"]
-        os.replace(cur.pop("_tmp"), final)
+        final = commit_file(cur.pop("_tmp"), self.out_dir / cur["name"])
         cur["bytes"] = final.stat().st_size
         cur["sha256"] = sha256_file(final)
         cur["modalities"] = {m: cur["modalities"][m] for m in MODALITIES if cur["modalities"][m]}

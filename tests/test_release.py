@@ -190,3 +190,22 @@ def test_pretraining_writes_the_mae_reconstruction_png(trained):
     assert png.is_file()
     w, h = Image.open(png).size
     assert w > 300 and h > 300
+
+
+def test_grouped_spellings_consolidate_and_release(trained, tmp_path):
+    """`medfm pretrain consolidate` (written atomically: nothing but the output under --out's folder) and
+    `medfm zoo release`, the verbs grouped by part, do what `pretrain-consolidate` / `release` did."""
+    from safetensors.torch import load_file
+
+    from medfm.model_zoo.checkpoint_io import consolidate, model_state_dict
+
+    root, _, _ = trained
+    out = tmp_path / "m.safetensors"
+    assert main(["pretrain", "consolidate", str(root / "run"), "--out", str(out)]) == 0
+    want = model_state_dict(consolidate(root / "run" / "checkpoints", None))
+    got = load_file(str(out))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+    zoo = tmp_path / "zoo"
+    assert main(["zoo", "release", str(root / "run"), "--name", "grouped", "--version", "1", "--zoo", str(zoo)]) == 0
+    assert main(["zoo", "verify", "grouped:1", "--zoo", str(zoo)]) == 0

@@ -53,7 +53,8 @@ def test_recipe_passes_dry_run(data_root, recipe, monkeypatch, capsys):
     out, err = capsys.readouterr()
     assert rc == 0, err[-2000:]
     assert "preflight: model instantiated on meta" in out
-    assert not (data_root / "runs" / read_yaml_mapping(recipe)["name"]).exists()  # nothing written
+    cfg = read_yaml_mapping(recipe)
+    assert not (data_root / cfg.get("run_dir", f"runs/{cfg['name']}")).exists()  # nothing written
 
 
 @pytest.fixture

@@ -52,7 +52,9 @@ def planned_sample_flops(run_cfg) -> float:
 
     with torch.device("meta"):
         model = build_multimodal(run_cfg.model)
-    col = run_cfg.data.collate
+    from medfm.model_zoo.input_sizes import input_collate
+
+    col = input_collate(run_cfg.model, run_cfg.data.collate)  # the towers' input where the collate leaves it unset
 
     def shape(modality, tower):
         cfg = tower.cfg

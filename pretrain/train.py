@@ -11,18 +11,16 @@ checkpoint kept.
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from medfm.pretrain import collectives
 from medfm.pretrain.checkpoint import CheckpointManager, git_commit, rng_state, set_rng_state
-from medfm.pretrain.config import RunConfig
+from medfm.pretrain.config import RunConfig, write_run_config
 from medfm.pretrain.data_report import announce_lost, lost_metrics, skip_metrics, skipped_all_ranks
 from medfm.pretrain.engine import Engine, init_distributed, setup_environment
 from medfm.pretrain.faults import FaultInjector
@@ -137,7 +135,7 @@ def run(cfg: RunConfig) -> RunResult:
         raise ConfigError(str(exc)) from None
     t = cfg.train
     keep_global_batch(cfg, world)  # a ZeRO-3 resume at another world size keeps the global batch sequence
-    t.check_world(world)
+    cfg.check_world(world)
     run_dir = Path(cfg.run_dir)
     earlier = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint.keep, rank, world).complete_tags()
     if not cfg.checkpoint.resume and earlier:
@@ -150,11 +148,8 @@ def run(cfg: RunConfig) -> RunResult:
         changed = resume_changes(cfg, *saved_config(CheckpointManager(run_dir / "checkpoints", cfg.checkpoint.keep,
                                                                       rank, world), cfg.checkpoint.resume, rank),
                                  world)
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / f".config.yaml.{os.getpid()}.tmp"  # every restart reads this file: never leave it torn
-        tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        os.replace(tmp, run_dir / "config.yaml")
+    if rank == 0:  # the config this run trains with (a launch wrote the same text already: then no write)
+        write_run_config(cfg)
     engine = Engine(cfg, rank, world)
     loader = build_data(cfg, engine, rank, world)
     batches = _Batches(loader)
@@ -232,7 +227,7 @@ def run(cfg: RunConfig) -> RunResult:
                     norms = engine.grad_norms()
                 engine.step(skip)
             step += 1
-            samples_seen += t.micro_batch * t.grad_accum * world
+            samples_seen += cfg.global_batch(world)
             dt = time.perf_counter() - t0
             # Global (rank-mean) losses: each rank holds its share of the global mean (losses.py contract).
             # FLOPs this step executed on all ranks (skipped steps too: their compute was spent, and samples_seen
@@ -253,7 +248,7 @@ def run(cfg: RunConfig) -> RunResult:
             if step % t.log_every == 0 or skip:
                 metrics = {f"loss/{n}": v for n, v in losses.items()}
                 metrics.update({"loss/total": total, "lr": engine.lr, "step_time_s": dt,
-                                "samples_per_s": t.micro_batch * t.grad_accum * world / dt,
+                                "samples_per_s": cfg.global_batch(world) / dt,
                                 "tokens_per_s": step_tokens / dt, **mfu_metrics(step_flops / world / dt, peak, peak_source),
                                 "flops_analytic": float(analytic), "train_flops": train_flops,
                                 "skipped_steps": result.skipped, "samples_seen": samples_seen})

@@ -67,7 +67,7 @@ def collate_mismatch(model_cfg, collate) -> str | None:
                 continue
             if (list(stated) if isinstance(stated, (list, tuple)) else stated) != value:
                 return (f"data.collate.{name}={_show(stated)} disagrees with model.towers.{modality} {field}="
-                        f"{_show(value)} (the tower fixes its input; leave data.collate.{name} unset to follow it)")
+                        f"{_show(getattr(tcfg, field))} (the tower fixes its input; leave data.collate.{name} unset to follow it)")
         positions = getattr(tcfg, "max_position_embeddings", None)
         if modality == "text" and getattr(tcfg, "path", None) is None and positions is not None \
                 and collate.text_max_tokens > positions:

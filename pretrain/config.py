@@ -27,7 +27,7 @@ import yaml
 
 from medfm.model_zoo import MultiModalConfig
 from medfm.pretrain.objectives import ObjectiveConfig
-from medfm.schema import ConfigError, load_yaml, to_dict
+from medfm.schema import ConfigError, apply_overrides, from_dict, read_yaml_mapping, to_dict
 from medfm.shards.loader import LoaderConfig
 
 CONFIG_FILE = "config.yaml"  # <run_dir>/config.yaml: the resolved config every rank and every restart reads
@@ -271,9 +271,11 @@ class RunConfig:
 
 def load_run_config(path, overrides=()) -> RunConfig:
     """YAML file + ``key=value`` overrides -> validated RunConfig (ConfigError, one line naming the file). The one
-    parse of a run config: a recipe at launch, or the resolved ``config.yaml`` a launch's workers start from."""
+    parse of a run config: a recipe at launch, or the resolved ``config.yaml`` a launch's workers start from.
+    A bad override is named by its key alone (the file is not at fault)."""
+    data = apply_overrides(read_yaml_mapping(path), list(overrides), RunConfig)
     try:
-        return load_yaml(path, RunConfig, overrides)
+        return from_dict(RunConfig, data)
     except ConfigError as exc:
         msg = str(exc)
         raise ConfigError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None

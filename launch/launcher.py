@@ -31,7 +31,7 @@ from medfm.schema import ConfigError
 def prepare(config, overrides, world: World):
     """Resolve and check everything that can be checked before a process starts (ConfigError, one line)."""
     cfg = resolve_config(config, overrides)
-    cfg.check_world(world.world_sizes)
+    cfg.resolve_world(world.world_sizes)  # config.yaml then holds the derived grad_accum
     check_shards(cfg)
     check_fresh_run(cfg)
     return cfg

@@ -101,7 +101,7 @@ class TrainConfig:
     # Deprecated mirror of data.batch_size (the loader's batch is the micro-batch): 0 or the same value. Read
     # RunConfig.micro_batch instead.
     micro_batch: int = 0
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-batches per optimizer step; 0 = derived: global_batch / (data.batch_size x world)
     global_batch: int = 0  # optional check: must equal data.batch_size * grad_accum * world_size
     precision: Literal["fp32", "bf16"] = "fp32"
     strategy: Literal["zero3", "ddp"] = "zero3"
@@ -121,8 +121,9 @@ class TrainConfig:
             raise ValueError(f"train.steps must be >= 1, got {self.steps}")
         if self.micro_batch < 0:
             raise ValueError(f"train.micro_batch must be >= 0, got {self.micro_batch}")
-        if self.grad_accum < 1:
-            raise ValueError(f"train.grad_accum must be >= 1, got {self.grad_accum}")
+        if self.grad_accum < 0:
+            raise ValueError(f"train.grad_accum must be >= 1 (or 0 = derived from train.global_batch), got "
+                             f"{self.grad_accum}")
         if self.global_batch < 0:
             raise ValueError(f"train.global_batch must be >= 0, got {self.global_batch}")
         if self.log_every < 1:
@@ -201,9 +202,11 @@ class RunConfig:
         if self.train.micro_batch and self.train.micro_batch != self.data.batch_size:
             raise ValueError(f"train.micro_batch ({self.train.micro_batch}) != data.batch_size "
                              f"({self.data.batch_size}): the loader's batch is the micro-batch")
-        if self.train.global_batch and self.train.global_batch % self.global_batch(1):
+        if not self.train.grad_accum and not self.train.global_batch:
+            raise ValueError("train.grad_accum=0 (derived) needs train.global_batch (samples per optimizer step)")
+        if self.train.global_batch and self.train.global_batch % (self.micro_batch * (self.train.grad_accum or 1)):
             raise ValueError(f"train.global_batch {self.train.global_batch} is not a multiple of micro_batch "
-                             f"{self.micro_batch} x grad_accum {self.train.grad_accum}")
+                             f"{self.micro_batch} x grad_accum {self.train.grad_accum or 1}")
         if not self.objectives:
             raise ValueError("objectives: at least one objective (e.g. {name: mae:image}) is required")
         names = [o.name for o in self.objectives]
@@ -247,9 +250,22 @@ class RunConfig:
         """Samples per rank per micro-step: the loader's batch."""
         return self.data.batch_size
 
+    def grad_accum(self, world_size: int) -> int:
+        """Micro-batches per optimizer step at ``world_size``: ``train.grad_accum``, or when that is 0 (derived)
+        ``train.global_batch / (micro_batch x world_size)`` (ConfigError, one line, when it does not divide)."""
+        t = self.train
+        if t.grad_accum:
+            return t.grad_accum
+        per_step = self.micro_batch * world_size
+        if t.global_batch % per_step:
+            raise ConfigError(f"train.global_batch={t.global_batch} is not a multiple of micro_batch("
+                              f"{self.micro_batch}) x world_size({world_size}) = {per_step}: train.grad_accum=0 "
+                              "(derived) cannot be derived")
+        return t.global_batch // per_step
+
     def global_batch(self, world_size: int) -> int:
         """Samples per optimizer step over all ranks: micro_batch x grad_accum x world_size."""
-        return self.micro_batch * self.train.grad_accum * world_size
+        return self.micro_batch * self.grad_accum(world_size) * world_size
 
     def check_world(self, world_sizes) -> None:
         """Batch arithmetic for every world size a launch can produce (an int, or each size of an elastic MIN:MAX
@@ -263,6 +279,13 @@ class RunConfig:
             if t.global_batch and t.global_batch != self.global_batch(w):
                 raise ConfigError(f"train.global_batch={t.global_batch} != micro_batch({self.micro_batch}) x "
                                   f"grad_accum({t.grad_accum}) x world_size({w}) = {self.global_batch(w)}")
+
+    def resolve_world(self, world_sizes) -> None:
+        """``check_world``, then fix the derived ``train.grad_accum`` for the world (a fixed global batch allows
+        one world size), so the written config.yaml and everything reading ``train.grad_accum`` see the number."""
+        self.check_world(world_sizes)
+        if not self.train.grad_accum:
+            self.train.grad_accum = self.grad_accum(world_sizes if isinstance(world_sizes, int) else world_sizes[0])
 
     @property
     def config_file(self) -> Path:

@@ -135,7 +135,7 @@ def run(cfg: RunConfig) -> RunResult:
         raise ConfigError(str(exc)) from None
     t = cfg.train
     keep_global_batch(cfg, world)  # a ZeRO-3 resume at another world size keeps the global batch sequence
-    cfg.check_world(world)
+    cfg.resolve_world(world)  # batch arithmetic for this world; a derived grad_accum (0) becomes its number
     run_dir = Path(cfg.run_dir)
     earlier = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint.keep, rank, world).complete_tags()
     if not cfg.checkpoint.resume and earlier:

@@ -75,3 +75,31 @@ def test_derived_batch_values_have_one_owner(tmp_path):
         cfg.check_world([2, 4])
     with pytest.raises(ConfigError, match=r"global_batch=12 != micro_batch\(3\) x grad_accum\(2\) x world_size\(4\) = 24"):
         cfg.check_world(4)
+
+
+def test_grad_accum_derived_from_global_and_micro_batch(tmp_path, capsys):
+    """``train.grad_accum=0``: global_batch / (data.batch_size x world), computed by RunConfig and written into the
+    resolved config (old code refused grad_accum=0)."""
+    from medfm.pretrain.config import RunConfig
+    from medfm.pretrain.ds_config import deepspeed_config
+    from medfm.schema import ConfigError, from_dict
+
+    base = run_config(tmp_path / "r", str(tmp_path), [{"name": "mae:image"}], ("image",), batch=3,
+                      train={"grad_accum": 0, "global_batch": 12})
+    cfg = from_dict(RunConfig, base)
+    assert cfg.grad_accum(2) == 2 and cfg.global_batch(2) == 12
+    with pytest.raises(ConfigError, match=r"global_batch=12 is not a multiple of micro_batch\(3\) x world_size\(3\)"):
+        cfg.check_world(3)
+    cfg.resolve_world([2])
+    assert cfg.train.grad_accum == 2 and deepspeed_config(cfg, 2)["gradient_accumulation_steps"] == 2
+    with pytest.raises(ConfigError, match=r"train.grad_accum=0 \(derived\) needs train.global_batch"):
+        from_dict(RunConfig, run_config(tmp_path / "r", str(tmp_path), [{"name": "mae:image"}], ("image",),
+                                        train={"grad_accum": 0}))
+
+    make_shards(tmp_path / "shards", n=8, modalities=("image",))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(run_config(tmp_path / "run", str(tmp_path / "shards"), [{"name": "mae:image"}],
+                                                ("image",), batch=3, train={"grad_accum": 0, "global_batch": 12})))
+    assert main(["launch", str(recipe), "--nproc-per-node", "2", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert '"gradient_accumulation_steps": 2' in out and "grad_accum: 2" in out

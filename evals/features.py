@@ -161,21 +161,12 @@ class SplitFeatures:
 
 
 def _collate_config(model, modality: str, overrides: dict | None):
+    from medfm.model_zoo.input_sizes import derived_collate
     from medfm.schema import from_dict
     from medfm.shards.collate import CollateConfig
 
-    cfg = dict(overrides or {})
-    tcfg = getattr(model.towers[modality], "cfg", None)
-    size = getattr(tcfg, "img_size", None)
-    if modality == "image" and size is not None and "image_size" not in cfg:
-        cfg["image_size"] = [int(size), int(size)] if np.ndim(size) == 0 else list(size)
-    if modality == "image" and tcfg is not None and "image_channels" not in cfg:
-        cfg["image_channels"] = int(getattr(tcfg, "in_chans", 1))
-    if modality == "volume" and size is not None and "volume_size" not in cfg:
-        cfg["volume_size"] = list(size)
-    if modality == "signal" and tcfg is not None and "signal_leads" not in cfg:
-        cfg["signal_leads"] = int(getattr(tcfg, "n_leads", 12))
-    return from_dict(CollateConfig, cfg, "collate")
+    tcfg = getattr(model.towers[modality], "cfg", None)  # the tower fixes its input; unset collate fields follow
+    return from_dict(CollateConfig, derived_collate({modality: tcfg}, overrides), "collate")
 
 
 class SplitDataset:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import pickle
+import sys
 
 # errno of a failed write: no permission, read-only filesystem, disk or quota full, file too large, a path
 # component that is a file.
@@ -25,3 +26,25 @@ def one_line(exc: BaseException) -> str | None:
         first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
         return f"checkpoint refused (it needs unpickling arbitrary objects; medfm loads weights only): {first}"
     return None
+
+
+def exit_code(fn, *args) -> int:
+    """``fn(*args)`` as a ``medfm`` command's exit code: a ConfigError is one line and 2, an expected failure
+    (``one_line``) one line and 1; a bug keeps its traceback. (``medfm launch``'s workers call pretrain through it,
+    exactly as the ``medfm`` CLI maps a command's errors.)"""
+    from medfm.schema import ConfigError
+
+    try:
+        return int(fn(*args) or 0)
+    except ConfigError as exc:
+        print(f"medfm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("medfm: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        msg = one_line(exc)
+        if msg is None:
+            raise
+        print(f"medfm: error: {msg}", file=sys.stderr)
+        return 1

@@ -22,22 +22,16 @@ from pathlib import Path
 
 import yaml
 
-from medfm.launch.resolve import (
-    check_fresh_run,
-    check_shards,
-    check_world,
-    resolve_config,
-    resolved_yaml,
-    write_resolved,
-)
+from medfm.launch.resolve import check_fresh_run, check_shards, resolve_config
 from medfm.launch.world import World, has_cuda, torchrun_argv, worker_env
+from medfm.pretrain.config import run_config_text, write_run_config
 from medfm.schema import ConfigError
 
 
 def prepare(config, overrides, world: World):
     """Resolve and check everything that can be checked before a process starts (ConfigError, one line)."""
     cfg = resolve_config(config, overrides)
-    check_world(cfg, world.world_sizes)
+    cfg.resolve_world(world.world_sizes)  # config.yaml then holds the derived grad_accum
     check_shards(cfg)
     check_fresh_run(cfg)
     return cfg
@@ -48,7 +42,7 @@ def dry_run_text(cfg, world: World, argv: list[str], env: dict) -> str:
     from medfm.pretrain.ds_config import deepspeed_config
 
     lo, hi = world.node_range
-    sections = [("resolved config", resolved_yaml(cfg).rstrip()), ("world", world.describe())]
+    sections = [("resolved config", run_config_text(cfg).rstrip()), ("world", world.describe())]
     if cfg.train.strategy == "zero3":
         ds = deepspeed_config(cfg, world.world_sizes[-1])
         sections.append((f"DeepSpeed config (world size {world.world_sizes[-1]})", json.dumps(ds, indent=2)))
@@ -112,7 +106,7 @@ def launch(args) -> int:
                   rdzv_endpoint=endpoint, max_restarts=args.max_restarts)
     cfg = prepare(args.config, args.overrides, world)
     run_dir = Path(cfg.run_dir)
-    config_path = (run_dir / "config.yaml").resolve()
+    config_path = cfg.config_file.resolve()
     if args.slurm:
         from medfm.launch.slurm import write_script
 
@@ -129,7 +123,7 @@ def launch(args) -> int:
     if args.dry_run:
         print(dry_run_text(cfg, world, argv, env))
         return dry_run_verdict(cfg, world)
-    write_resolved(cfg, run_dir)
+    write_run_config(cfg)  # the one write: every worker (and every restart) loads this file as it is
     _record(run_dir, world, argv, env)
     print(f"medfm launch: {cfg.name}: {world.describe().splitlines()[0]}; run dir {run_dir}", file=sys.stderr,
           flush=True)
@@ -142,7 +136,9 @@ def launch(args) -> int:
 
 def load_resolved(run_dir) -> dict:
     """The resolved config a launch wrote (for sweeps and reports)."""
-    return yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    from medfm.pretrain.config import CONFIG_FILE
+
+    return yaml.safe_load((Path(run_dir) / CONFIG_FILE).read_text())
 
 
 __all__ = ["ConfigError", "World", "dry_run_text", "launch", "load_resolved", "prepare", "run_agent"]

@@ -188,13 +188,13 @@ class Stack:
 
 
 def _patches(modality: str, tcfg, collate) -> tuple[int, int]:
-    """(patch tokens, prefix tokens) of one sample from the collate shapes (the tower's default input when the
-    collate leaves the size to the batch)."""
+    """(patch tokens, prefix tokens) of one sample from the collate shapes (``input_collate``: the tower's input where
+    the collate leaves the size unset)."""
     if modality == "image":
-        h, w = collate.image_size or (tcfg.img_size, tcfg.img_size)
+        h, w = collate.image_size
         return (h // tcfg.patch_size) * (w // tcfg.patch_size), int(tcfg.class_token) + tcfg.num_registers
     if modality == "volume":
-        size = collate.volume_size or tcfg.img_size
+        size = collate.volume_size
         return math.prod(d // p for d, p in zip(size, tcfg.patch_size)), 1
     if modality == "signal":
         return math.ceil((collate.signal_length or tcfg.max_len) / tcfg.patch_size), 1
@@ -224,10 +224,11 @@ def activation_stacks(cfg) -> list[Stack]:
     a tower's full forward when a non-MAE objective reads it (contrastive, caption, ... share one cached encode),
     the MAE encoder on its unmasked tokens plus the MAE decoder on all tokens, the text tower at text_max_tokens,
     the caption decoder at text_max_tokens."""
+    from medfm.model_zoo.input_sizes import input_collate
     from medfm.model_zoo.registry import model_config
     from medfm.pretrain.objectives import DEFAULT_MASK_RATIO
 
-    collate, ckpt = cfg.data.collate, set(cfg.train.grad_checkpointing)
+    collate, ckpt = input_collate(cfg.model, cfg.data.collate), set(cfg.train.grad_checkpointing)
     mae_ratio, full = {}, set()
     for o in cfg.objectives:
         kind, _, mods = o.name.partition(":")
@@ -266,10 +267,6 @@ def device_kind(env: dict) -> str:
     return "cpu" if env.get("DS_ACCELERATOR") == "cpu" else "cuda"
 
 
-def micro_batch(cfg) -> int:
-    return cfg.train.micro_batch or cfg.data.batch_size
-
-
 def elem_bytes(cfg) -> int:
     return 2 if cfg.train.precision == "bf16" else 4
 
@@ -306,7 +303,7 @@ def estimate_memory(cfg, size: ModelSize, nproc_per_node: int, nnodes: int, devi
     est = zero3_model_states(size.total_params, size.largest_layer_params, nproc_per_node, nnodes, oo, op,
                              z.zero_init)
     states = est.device_bytes + (est.host_bytes // nproc_per_node if device == "cpu" else 0)
-    b, e = micro_batch(cfg), elem_bytes(cfg)
+    b, e = cfg.micro_batch, elem_bytes(cfg)
     acts = {s.name: s.bytes(b, e) for s in activation_stacks(cfg)}
     buffers = zero3_buffers(z, size.total_params, e)
     if device == "cpu" or not oo:  # offloaded, the step runs in host memory (not this device's)
@@ -325,7 +322,7 @@ def adamw_step_temporary(total_params: int, world: int) -> int:
 def format_breakdown(mem: MemoryBreakdown, cfg) -> str:
     """The per-device breakdown the dry run prints (model states, activations, ZeRO-3 buffers, baseline, total)."""
     where = "device + host / ranks (CPU: the same memory)" if mem.device == "cpu" else "device"
-    lines = [f"per-device estimate ({mem.device}, micro-batch {micro_batch(cfg)}, {elem_bytes(cfg)}-byte "
+    lines = [f"per-device estimate ({mem.device}, micro-batch {cfg.micro_batch}, {elem_bytes(cfg)}-byte "
              "activations; formulas: launch/memory.py):",
              f"  model states      {_gib(mem.model_states)}  ({where})"]
     lines.append(f"  activations       {_gib(sum(mem.activations.values()))}")

@@ -13,35 +13,19 @@ import os
 import re
 from pathlib import Path
 
-import yaml
-
-from medfm.schema import ConfigError, apply_overrides, read_yaml_mapping, to_dict
-from medfm.schema.atomic import atomic_write
+from medfm.schema import ConfigError
 from medfm.shards.manifest import ManifestError, load_manifest
 
-RUNS_ROOT = "runs"
 
+def resolve_config(path, overrides=()):
+    """YAML + dotted overrides -> a validated RunConfig (pretrain's ``load_run_config``: the one parse).
 
-def _raw(path) -> dict:
-    return read_yaml_mapping(path)
+    ``run_dir`` given in the file or an override wins; otherwise it follows the (possibly overridden) name
+    (``RunConfig.validate``: ``runs/<name>``), so ``medfm launch demo.yaml name=try2`` gets its own run directory
+    instead of reusing demo's checkpoints."""
+    from medfm.pretrain.config import load_run_config
 
-
-def resolve_config(path, overrides=(), runs_root: str = RUNS_ROOT):
-    """YAML + dotted overrides -> a validated RunConfig whose ``run_dir`` defaults to ``runs/<name>``.
-
-    ``run_dir`` given in the file or an override wins; otherwise it follows the (possibly overridden) name, so
-    ``medfm launch demo.yaml name=try2`` gets its own run directory instead of reusing demo's checkpoints."""
-    from medfm.pretrain.config import RunConfig
-    from medfm.schema import from_dict
-
-    data = apply_overrides(_raw(path), list(overrides), RunConfig)
-    if "run_dir" not in data:
-        name = data.get("name", RunConfig.name)
-        data["run_dir"] = str(Path(runs_root) / str(name))
-    try:
-        return from_dict(RunConfig, data)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    return load_run_config(path, list(overrides))
 
 
 def check_shards(cfg) -> None:
@@ -82,35 +66,9 @@ def check_shard_files(directory: Path, manifest: dict, split) -> None:
                                   "train without it, counted)")
 
 
-def check_world(cfg, world_sizes) -> None:
-    """Batch arithmetic for every world size the launch can produce (one for a fixed node count; each of an
-    elastic MIN:MAX range)."""
-    t = cfg.train
-    sizes = sorted(set(world_sizes))
-    if t.global_batch and len(sizes) > 1:
-        raise ConfigError(f"train.global_batch={t.global_batch} is fixed but elastic --nnodes gives world sizes "
-                          f"{sizes[0]}..{sizes[-1]}; set train.global_batch=0 (derived) for an elastic range")
-    for w in sizes:
-        t.check_world(w)
-
-
 def rdzv_id(name: str) -> str:
     """Rendezvous id from the run name: agents of the same run meet, different runs on one host never do."""
     return re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-") or "medfm"
-
-
-def resolved_yaml(cfg) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
-def write_resolved(cfg, run_dir: Path) -> Path:
-    """runs/<name>/config.yaml, written atomically (every node of a shared file system may write the same text)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    out = run_dir / "config.yaml"
-    text = resolved_yaml(cfg)
-    if out.is_file() and out.read_text() == text:
-        return out
-    return atomic_write(out, text)
 
 
 def check_fresh_run(cfg) -> None:

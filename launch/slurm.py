@@ -174,7 +174,7 @@ def write_script(out, world: World, cfg, config_path: Path, gpus_per_node: int |
                  signal_lead: int | None, sbatch_items=(), dry_run: bool = False) -> str:
     """Render the script for ``cfg`` (already resolved and checked) and, unless ``dry_run``, write it, the resolved
     config, and the log directory SLURM opens ``--output`` in before the script runs."""
-    from medfm.launch.resolve import write_resolved
+    from medfm.pretrain.config import write_run_config
 
     run_dir = Path(cfg.run_dir).resolve()
     text = render_sbatch(world, config_path, cfg.name, run_dir, sys.executable, Path.cwd(), gpus_per_node or 0,
@@ -182,7 +182,7 @@ def write_script(out, world: World, cfg, config_path: Path, gpus_per_node: int |
                          signal_lead=SIGNAL_LEAD_S if signal_lead is None else signal_lead)
     if dry_run:
         return text
-    write_resolved(cfg, Path(cfg.run_dir))
+    write_run_config(cfg)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -276,7 +276,7 @@ def plan_points(sweep: SweepConfig, base: Path) -> list[Planned]:
                     msg = str(exc)
                     raise ConfigError(msg if msg.startswith("sweep point") else f"sweep point {point.name}: {msg}") \
                         from None
-                per_step = cfg.train.micro_batch * cfg.train.grad_accum * world
+                per_step = cfg.global_batch(world)
                 fps = planned_sample_flops(cfg)
                 samples = budget.samples or int(budget.compute / fps)
                 steps = max(1, math.ceil(samples / per_step))
@@ -537,7 +537,7 @@ def _sbatch(script: Path, dependency: str | None = None) -> str:
 
 def _run_slurm(sweep: SweepConfig, sweep_path: Path, base: Path, todo: list[Planned], dry_run: bool,
                resubmit: bool) -> int:
-    from medfm.launch.resolve import write_resolved
+    from medfm.pretrain.config import write_run_config
 
     out = Path(sweep.out)
     failed = 0
@@ -554,7 +554,7 @@ def _run_slurm(sweep: SweepConfig, sweep_path: Path, base: Path, todo: list[Plan
             continue
         scripts = out / "slurm"
         scripts.mkdir(parents=True, exist_ok=True)
-        write_resolved(cfg, p.run_dir)
+        write_run_config(cfg)  # cfg.run_dir is p.run_dir (the point's run_dir override)
         (p.run_dir / "logs").mkdir(exist_ok=True)  # SLURM opens the jobs' --output files before the scripts run
         train_path, fin_path = scripts / f"{p.point.name}.sbatch", scripts / f"{p.point.name}.finalize.sbatch"
         for path, text in ((train_path, train), (fin_path, finalize)):

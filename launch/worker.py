@@ -1,11 +1,15 @@
-"""The torchrun entry point of ``medfm launch``: one worker = one ``medfm pretrain`` rank.
+"""The torchrun entry point of ``medfm launch``: one worker = one pretraining rank.
 
 ``python -m medfm.launch.worker CONFIG [key=value ...]``
 
+CONFIG is the resolved ``runs/<name>/config.yaml`` the launcher wrote: the worker loads it once (no second
+resolution, no re-entry into the ``medfm`` CLI) and calls pretrain's training entry with that RunConfig.
+
 Why a wrapper and not ``medfm pretrain`` directly: torchrun restarts the *same* command after a failure, but the
 restarted attempt must resume from the newest complete checkpoint while the first attempt of a fresh run must not
-(``checkpoint.resume=latest`` fails when there is none). The wrapper decides per attempt (``_restarted``), then runs ``medfm
-pretrain`` in this process. Resuming restores the loader state and RNG with the weights, so no sample is lost or repeated.
+(``checkpoint.resume=latest`` fails when there is none). The wrapper decides per attempt (``_restarted``) on the
+loaded config, then trains in this process. Resuming restores the loader state and RNG with the weights, so no sample
+is lost or repeated.
 
 Fault injection for the restart tests (``MEDFM_FAULT=MODE:STEP[:RANK[:ATTEMPT]]``, never set in normal runs) is
 pretrain's public hook (medfm.pretrain.faults, read by its training loop); the wrapper only checks the spec up front
@@ -69,23 +73,21 @@ def main(argv=None) -> int:
     if not argv:
         print("usage: python -m medfm.launch.worker CONFIG [key=value ...]", file=sys.stderr)
         return 2
-    from medfm.launch.cli import main as medfm_main
-    from medfm.launch.resolve import resolve_config
+    from medfm.pretrain.config import load_run_config
     from medfm.schema import ConfigError
 
     config, overrides = argv[0], argv[1:]
     try:
-        cfg = resolve_config(config, overrides)
+        cfg = load_run_config(config, overrides)  # the one parse on this rank: the launcher's resolved file
     except ConfigError as exc:
         print(f"medfm: error: {exc}", file=sys.stderr)
         return 2
     ckpt_root = Path(cfg.run_dir) / "checkpoints"
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    extra = []
     latest = _latest_step(ckpt_root)
     # (pretrain writes the config it ran back to config.yaml, so after one resume the file itself says "latest")
     if latest is not None and (cfg.checkpoint.resume == "latest" or (cfg.checkpoint.resume == "" and _restarted())):
-        extra = ["checkpoint.resume=latest"]
+        cfg.checkpoint.resume = "latest"
         if os.environ.get("RANK", "0") == "0":
             print(f"medfm launch: attempt {attempt}: resuming from {ckpt_root}/step{latest}", file=sys.stderr,
                   flush=True)
@@ -97,10 +99,12 @@ def main(argv=None) -> int:
         print(f"medfm: error: {exc}", file=sys.stderr)
         return 2
     init_process_group()
+    from medfm.launch.errors import exit_code
     from medfm.pretrain import collectives
+    from medfm.pretrain.cli import train_and_report
 
     try:
-        return medfm_main(["pretrain", config, *overrides, *extra])
+        return exit_code(train_and_report, cfg)
     finally:
         collectives.shutdown()
 

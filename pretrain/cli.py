@@ -16,7 +16,13 @@ from medfm.schema.atomic import atomic_path
 def _pretrain(args) -> int:
     from medfm.pretrain.config import load_run_config
 
-    cfg = load_run_config(args.config, args.overrides)
+    return train_and_report(load_run_config(args.config, args.overrides))
+
+
+def train_and_report(cfg) -> int:
+    """Train the parsed RunConfig ``cfg`` on this rank; the exit code, with one line on stderr when it did not
+    finish. What ``medfm pretrain`` runs after its parse, and what a ``medfm launch`` worker calls with the
+    config.yaml the launcher wrote (no second parse, no CLI re-entry)."""
     from medfm.pretrain.train import run
     from medfm.shards.preflight import ShardCheckError
 

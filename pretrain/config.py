@@ -6,8 +6,13 @@
     objectives:  [ObjectiveConfig]                  (name, weight, options)
     optim / train / zero / checkpoint / tracking / eval   (this file)
 
-``load_run_config(path, overrides)`` is what ``medfm pretrain`` and ``medfm launch`` call; every error is one line
-naming the dotted key.
+``load_run_config(path, overrides)`` is the one parse of a recipe (``medfm launch``, ``medfm pretrain``, sweeps);
+``write_run_config`` the one writer of ``<run_dir>/config.yaml``, which a launch's workers load as it is
+(``load_run_config(that file)``, no overrides). Derived values have one owner here: the micro-batch
+(``RunConfig.micro_batch`` = ``data.batch_size``), the global batch (``RunConfig.global_batch(world)``), the batch
+arithmetic against the world sizes (``RunConfig.check_world``) and the ``run_dir`` default (``default_run_dir``);
+collate vs tower input sizes are cross-checked by ``validate`` (medfm.model_zoo.input_sizes). Every error is one
+line naming the dotted key.
 """
 
 from __future__ import annotations
@@ -17,10 +22,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import yaml
+
 from medfm.model_zoo import MultiModalConfig
 from medfm.pretrain.objectives import ObjectiveConfig, check_objectives_fit
-from medfm.schema import ConfigError, load_yaml
+from medfm.schema import ConfigError, apply_overrides, from_dict, read_yaml_mapping, to_dict
+from medfm.schema.atomic import atomic_write
 from medfm.shards.loader import LoaderConfig
+
+CONFIG_FILE = "config.yaml"  # <run_dir>/config.yaml: the resolved config every rank and every restart reads
+RUNS_ROOT = "runs"
+
+
+def default_run_dir(name: str) -> str:
+    """``run_dir`` when a config names none: ``runs/<name>`` (so ``name=try2`` gets its own run directory)."""
+    return f"{RUNS_ROOT}/{name}"
 
 
 @dataclass
@@ -82,9 +98,11 @@ class ZeroConfig:
 @dataclass
 class TrainConfig:
     steps: int = 100  # optimizer steps
-    micro_batch: int = 0  # samples per rank per micro-step; 0 = data.batch_size (the two must agree)
-    grad_accum: int = 1
-    global_batch: int = 0  # optional check: must equal micro_batch * grad_accum * world_size
+    # Deprecated mirror of data.batch_size (the loader's batch is the micro-batch): 0 or the same value. Read
+    # RunConfig.micro_batch instead.
+    micro_batch: int = 0
+    grad_accum: int = 1  # micro-batches per optimizer step; 0 = derived: global_batch / (data.batch_size x world)
+    global_batch: int = 0  # optional check: must equal data.batch_size * grad_accum * world_size
     precision: Literal["fp32", "bf16"] = "fp32"
     strategy: Literal["zero3", "ddp"] = "zero3"
     seed: int = 0
@@ -103,25 +121,15 @@ class TrainConfig:
             raise ValueError(f"train.steps must be >= 1, got {self.steps}")
         if self.micro_batch < 0:
             raise ValueError(f"train.micro_batch must be >= 0, got {self.micro_batch}")
-        if self.grad_accum < 1:
-            raise ValueError(f"train.grad_accum must be >= 1, got {self.grad_accum}")
+        if self.grad_accum < 0:
+            raise ValueError(f"train.grad_accum must be >= 1 (or 0 = derived from train.global_batch), got "
+                             f"{self.grad_accum}")
         if self.global_batch < 0:
             raise ValueError(f"train.global_batch must be >= 0, got {self.global_batch}")
-        if self.global_batch and self.micro_batch and self.global_batch % (self.micro_batch * self.grad_accum):
-            raise ValueError(f"train.global_batch {self.global_batch} is not a multiple of micro_batch "
-                             f"{self.micro_batch} x grad_accum {self.grad_accum}")
         if self.log_every < 1:
             raise ValueError(f"train.log_every must be >= 1, got {self.log_every}")
         if self.nan_guard < 0:
             raise ValueError(f"train.nan_guard must be >= 0, got {self.nan_guard}")
-
-    def check_world(self, world_size: int) -> None:
-        """Batch arithmetic once the world size is known (raises ConfigError, one line)."""
-        if self.global_batch and self.global_batch != self.micro_batch * self.grad_accum * world_size:
-            raise ConfigError(
-                f"train.global_batch={self.global_batch} != micro_batch({self.micro_batch}) x "
-                f"grad_accum({self.grad_accum}) x world_size({world_size}) = "
-                f"{self.micro_batch * self.grad_accum * world_size}")
 
 
 @dataclass
@@ -174,7 +182,7 @@ class ReleaseConfig:
 @dataclass
 class RunConfig:
     name: str = "run"
-    run_dir: str = ""  # "" = runs/<name> (as `medfm launch` lays out run directories)
+    run_dir: str = ""  # "" = default_run_dir(name): runs/<name>
     data: LoaderConfig = field(default_factory=LoaderConfig)
     model: MultiModalConfig = field(default_factory=MultiModalConfig)
     objectives: list[ObjectiveConfig] = field(default_factory=list)
@@ -190,15 +198,15 @@ class RunConfig:
         if not self.name or "/" in self.name:
             raise ValueError(f"name must be a non-empty string without '/', got {self.name!r}")
         if not self.run_dir:
-            self.run_dir = f"runs/{self.name}"
-        if self.train.micro_batch == 0:
-            self.train.micro_batch = self.data.batch_size
-        elif self.train.micro_batch != self.data.batch_size:
+            self.run_dir = default_run_dir(self.name)
+        if self.train.micro_batch and self.train.micro_batch != self.data.batch_size:
             raise ValueError(f"train.micro_batch ({self.train.micro_batch}) != data.batch_size "
                              f"({self.data.batch_size}): the loader's batch is the micro-batch")
-        if self.train.global_batch and self.train.global_batch % (self.train.micro_batch * self.train.grad_accum):
+        if not self.train.grad_accum and not self.train.global_batch:
+            raise ValueError("train.grad_accum=0 (derived) needs train.global_batch (samples per optimizer step)")
+        if self.train.global_batch and self.train.global_batch % (self.micro_batch * (self.train.grad_accum or 1)):
             raise ValueError(f"train.global_batch {self.train.global_batch} is not a multiple of micro_batch "
-                             f"{self.train.micro_batch} x grad_accum {self.train.grad_accum}")
+                             f"{self.micro_batch} x grad_accum {self.train.grad_accum or 1}")
         if not self.objectives:
             raise ValueError("objectives: at least one objective (e.g. {name: mae:image}) is required")
         names = [o.name for o in self.objectives]
@@ -220,16 +228,88 @@ class RunConfig:
         for t in self.train.grad_checkpointing:
             if t not in self.model.towers:
                 raise ValueError(f"train.grad_checkpointing: no tower {t!r} (have {sorted(self.model.towers)})")
+        from medfm.model_zoo.input_sizes import collate_mismatch
+
+        mismatch = collate_mismatch(self.model, self.data.collate)
+        if mismatch:
+            raise ValueError(mismatch)
 
     @property
     def path(self) -> Path:
         return Path(self.run_dir)
 
+    @property
+    def micro_batch(self) -> int:
+        """Samples per rank per micro-step: the loader's batch."""
+        return self.data.batch_size
+
+    def grad_accum(self, world_size: int) -> int:
+        """Micro-batches per optimizer step at ``world_size``: ``train.grad_accum``, or when that is 0 (derived)
+        ``train.global_batch / (micro_batch x world_size)`` (ConfigError, one line, when it does not divide)."""
+        t = self.train
+        if t.grad_accum:
+            return t.grad_accum
+        per_step = self.micro_batch * world_size
+        if t.global_batch % per_step:
+            raise ConfigError(f"train.global_batch={t.global_batch} is not a multiple of micro_batch("
+                              f"{self.micro_batch}) x world_size({world_size}) = {per_step}: train.grad_accum=0 "
+                              "(derived) cannot be derived")
+        return t.global_batch // per_step
+
+    def global_batch(self, world_size: int) -> int:
+        """Samples per optimizer step over all ranks: micro_batch x grad_accum x world_size."""
+        return self.micro_batch * self.grad_accum(world_size) * world_size
+
+    def check_world(self, world_sizes) -> None:
+        """Batch arithmetic for every world size a launch can produce (an int, or each size of an elastic MIN:MAX
+        range): ConfigError, one line."""
+        sizes = sorted({world_sizes} if isinstance(world_sizes, int) else set(world_sizes))
+        t = self.train
+        if t.global_batch and len(sizes) > 1:
+            raise ConfigError(f"train.global_batch={t.global_batch} is fixed but elastic --nnodes gives world sizes "
+                              f"{sizes[0]}..{sizes[-1]}; set train.global_batch=0 (derived) for an elastic range")
+        for w in sizes:
+            if t.global_batch and t.global_batch != self.global_batch(w):
+                raise ConfigError(f"train.global_batch={t.global_batch} != micro_batch({self.micro_batch}) x "
+                                  f"grad_accum({t.grad_accum}) x world_size({w}) = {self.global_batch(w)}")
+
+    def resolve_world(self, world_sizes) -> None:
+        """``check_world``, then fix the derived ``train.grad_accum`` for the world (a fixed global batch allows
+        one world size), so the written config.yaml and everything reading ``train.grad_accum`` see the number."""
+        self.check_world(world_sizes)
+        if not self.train.grad_accum:
+            self.train.grad_accum = self.grad_accum(world_sizes if isinstance(world_sizes, int) else world_sizes[0])
+
+    @property
+    def config_file(self) -> Path:
+        return Path(self.run_dir) / CONFIG_FILE
+
 
 def load_run_config(path, overrides=()) -> RunConfig:
-    """YAML file + ``key=value`` overrides -> validated RunConfig (ConfigError, one line naming the file)."""
+    """YAML file + ``key=value`` overrides -> validated RunConfig (ConfigError, one line naming the file). The one
+    parse of a run config: a recipe at launch, or the resolved ``config.yaml`` a launch's workers start from.
+    A bad override is named by its key alone (the file is not at fault)."""
+    data = apply_overrides(read_yaml_mapping(path), list(overrides), RunConfig)
     try:
-        return load_yaml(path, RunConfig, overrides)
+        return from_dict(RunConfig, data)
     except ConfigError as exc:
         msg = str(exc)
         raise ConfigError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+
+
+def run_config_text(cfg: RunConfig) -> str:
+    """The resolved YAML of ``cfg`` as ``config.yaml`` holds it (and ``medfm launch --dry-run`` prints it)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def write_run_config(cfg: RunConfig) -> bool:
+    """The one writer of ``<run_dir>/config.yaml``: atomic (every restart reads it, so it is never left torn; every
+    node of a shared file system may write the same text), and nothing is written when the file already holds this
+    text. True when the file was (re)written."""
+    out = cfg.config_file
+    text = run_config_text(cfg)
+    if out.is_file() and out.read_text() == text:
+        return False
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, text)
+    return True

@@ -28,9 +28,9 @@ def deepspeed_config(cfg, world_size: int) -> dict:
     if z.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": False}
     return {
-        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "train_micro_batch_size_per_gpu": cfg.micro_batch,
         "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.micro_batch * t.grad_accum * world_size,
+        "train_batch_size": cfg.global_batch(world_size),
         "gradient_clipping": cfg.optim.grad_clip,
         "bf16": {"enabled": t.precision == "bf16"},
         "fp16": {"enabled": False},

@@ -32,7 +32,7 @@ class TrainMetrics:
                  samples_seen: int = 0):
         self.module, self.model_cfg, self.world = module, cfg.model, world
         self.grad_accum = cfg.train.grad_accum
-        self.samples_per_step = cfg.train.micro_batch * cfg.train.grad_accum * world
+        self.samples_per_step = cfg.global_batch(world)
         self.peak, self.peak_source = peak, peak_source
         self.analytic = formulas_cover([o.cfg for o in module.objectives])
         self._per_sample: dict = {}  # micro_batch_flops' memo

@@ -106,5 +106,5 @@ def keep_global_batch(cfg, world: int) -> None:
         print(f"medfm: resuming {tag} of world size {saved} at world size {world}: data.batch_size "
               f"{cfg.data.batch_size} -> {per} (global batch {global_batch} kept)", flush=True)
     cfg.data.batch_size = per
-    if cfg.train.micro_batch:
+    if cfg.train.micro_batch:  # the deprecated mirror follows (RunConfig.micro_batch reads data.batch_size)
         cfg.train.micro_batch = per

@@ -54,7 +54,7 @@ def resume_changes(cfg, saved: dict, saved_world: int, world: int) -> dict[str, 
                               "it may not change on resume (start a new run)")
     t = saved.get("train", {})
     was = int(saved.get("data", {}).get("batch_size", 0)) * int(t.get("grad_accum", 1)) * saved_world
-    now = cfg.data.batch_size * cfg.train.grad_accum * world
+    now = cfg.global_batch(world)  # the saved side is a plain dict (the checkpoint's), computed the same way
     if was and was != now:
         raise ConfigError(f"checkpoint.resume: the global batch (data.batch_size x train.grad_accum x world size) "
                           f"was {was}, now {now}: it may not change on resume")

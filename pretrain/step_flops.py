@@ -90,8 +90,11 @@ def micro_batch_flops(module, model_cfg, batch: dict, names, memo: dict | None =
 
 
 def _collate_shapes(run_cfg, model) -> dict:
-    """Per-sample input shapes the collate config gives each modality (None = decided per batch)."""
-    col, shapes = run_cfg.data.collate, {}
+    """Per-sample input shapes the collate config gives each modality, unset fields from the towers
+    (model_zoo.input_sizes: the one direction); a modality left out is decided per batch."""
+    from medfm.model_zoo.input_sizes import input_collate
+
+    col, shapes = input_collate(run_cfg.model, run_cfg.data.collate), {}
     for m, tower in model.towers.items():
         cfg = tower.cfg
         if m == "image" and col.image_size:

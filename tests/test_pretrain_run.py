@@ -136,7 +136,7 @@ def test_config_errors_are_one_line(tmp_path, shards):
     cfg = from_dict(RunConfig, base)
     with pytest.raises(ConfigError, match=r"global_batch=8 != micro_batch\(4\) x grad_accum\(1\) x world_size\(1\)"):
         cfg.train.global_batch = 8
-        cfg.train.check_world(1)
+        cfg.check_world(1)
 
 
 def test_cli_yaml_overrides_and_bad_key(tmp_path, shards):

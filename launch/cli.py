@@ -13,8 +13,6 @@ import argparse
 import importlib
 import sys
 
-from medfm.schema import ConfigError
-
 # Parts and the module that adds their verbs, in help order. Every one exists: an import error is a real error.
 PARTS = (("shards", "medfm.shards.cli"), ("pretrain", "medfm.pretrain.cli"), ("launch", "medfm.launch.commands"),
          ("evals", "medfm.evals.cli"), ("model_zoo", "medfm.model_zoo.cli"), ("demo", "medfm.demo.cli"),
@@ -126,23 +124,13 @@ def main(argv=None) -> int:
     args = parse(parser, argv)
     if args.command in DEPRECATED:
         print(f"medfm: '{args.command}' is deprecated; use 'medfm {DEPRECATED[args.command]}'", file=sys.stderr)
+    from medfm.launch.errors import exit_code  # the one mapping of errors to exit codes (workers use it too)
+
     try:
-        rc = args.func(args)
-    except (ConfigError, UsageError) as exc:
+        return exit_code(args.func, args)
+    except UsageError as exc:  # the CLI's own bad usage: like a ConfigError, one line and 2
         print(f"medfm: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("medfm: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # write errors and refused checkpoints: one line, exit 1 (launch/errors.py)
-        from medfm.launch.errors import one_line
-
-        msg = one_line(exc)
-        if msg is None:
-            raise
-        print(f"medfm: error: {msg}", file=sys.stderr)
-        return 1
-    return int(rc or 0)
 
 
 if __name__ == "__main__":

@@ -25,12 +25,15 @@ import yaml
 from medfm.launch.resolve import check_fresh_run, check_shards, resolve_config
 from medfm.launch.world import World, has_cuda, torchrun_argv, worker_env
 from medfm.pretrain.config import run_config_text, write_run_config
+from medfm.pretrain.reshard import keep_global_batch
 from medfm.schema import ConfigError
 
 
 def prepare(config, overrides, world: World):
     """Resolve and check everything that can be checked before a process starts (ConfigError, one line)."""
     cfg = resolve_config(config, overrides)
+    if len(world.world_sizes) == 1:  # a ZeRO-3 resume at another world size: its per-rank batch first (the workers
+        keep_global_batch(cfg, world.world_sizes[0])  # find it kept), then the accumulation derived from it
     cfg.resolve_world(world.world_sizes)  # config.yaml then holds the derived grad_accum
     check_shards(cfg)
     check_fresh_run(cfg)

@@ -3,7 +3,7 @@
 One ``torch.distributed.run`` agent per node, c10d rendezvous (so node ranks are assigned by the rendezvous and any
 agent can be restarted), the rendezvous id taken from the run name, per-rank logs under ``runs/<name>/logs``.
 Each worker runs ``python -m medfm.launch.worker CONFIG`` which chooses fresh-vs-resume for this attempt and then
-runs ``medfm pretrain`` in-process (see worker.py).
+calls pretrain's training entry with the resolved config.yaml in-process (see worker.py).
 """
 
 from __future__ import annotations

@@ -267,7 +267,7 @@ class RunConfig:
         t = self.train
         if t.global_batch and len(sizes) > 1:
             raise ConfigError(f"train.global_batch={t.global_batch} is fixed but elastic --nnodes gives world sizes "
-                              f"{sizes[0]}..{sizes[-1]}; set train.global_batch=0 (derived) for an elastic range")
+                              f"{sizes[0]}..{sizes[-1]}; set train.global_batch=0 and a fixed train.grad_accum for an elastic range")
         for w in sizes:
             if t.global_batch and t.global_batch != self.global_batch(w):
                 raise ConfigError(f"train.global_batch={t.global_batch} != micro_batch({self.micro_batch}) x "

@@ -29,7 +29,7 @@ def deepspeed_config(cfg, world_size: int) -> dict:
         zero["offload_param"] = {"device": "cpu", "pin_memory": False}
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch,
-        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_accumulation_steps": cfg.grad_accum(world_size),
         "train_batch_size": cfg.global_batch(world_size),
         "gradient_clipping": cfg.optim.grad_clip,
         "bf16": {"enabled": t.precision == "bf16"},

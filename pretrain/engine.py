@@ -190,7 +190,7 @@ class Engine:
     # -- one micro-step --------------------------------------------------------------------------------------
     @property
     def grad_accum(self) -> int:
-        return self.cfg.train.grad_accum
+        return self.cfg.grad_accum(self.world_size)  # train.grad_accum, or derived when 0 (RunConfig owns the rule)
 
     def is_boundary(self) -> bool:
         return (self.micro_step + 1) % self.grad_accum == 0

@@ -6,7 +6,7 @@ temporary file in the same directory (so the rename stays on one file system), f
 final name (atomic on POSIX), fsync the directory (so the rename itself survives a power loss). On failure the
 temporary file is removed and the previous file, if any, is untouched.
 
-It lives in ``medfm.schema`` because that is the one package below every part (it imports nothing of medfm), and
+It lives in ``medfm.schema`` because that is the one package below every part (it imports nothing of medfm but the recipe lookup of medfm.configs), and
 shards / model_zoo may not import training code.
 """
 

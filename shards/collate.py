@@ -28,7 +28,7 @@ class CollateConfig:
     image_mean: float = 0.5                  # per-dataset normalisation after scaling to [0, 1]
     image_std: float = 0.25
     volume_size: list[int] | None = None     # [D, H, W]; None = largest in the batch
-    hu_window: list[float] = field(default_factory=lambda: [-1000.0, 1000.0])  # when meta names none
+    hu_window: list[float] = field(default_factory=lambda: [-1000.0, 1000.0])  # HU window of every volume (shards store HU, not windows)
     signal_length: int | None = None         # crop/pad samples; None = longest in the batch
     signal_leads: int | None = None          # None = most leads in the batch
     ehr_max_events: int = 256                # most recent events kept

@@ -103,3 +103,38 @@ def test_grad_accum_derived_from_global_and_micro_batch(tmp_path, capsys):
     assert main(["launch", str(recipe), "--nproc-per-node", "2", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert '"gradient_accumulation_steps": 2' in out and "grad_accum: 2" in out
+
+
+def test_derived_grad_accum_survives_a_zero3_resume_at_another_world_size(tmp_path):
+    """``grad_accum: 0`` + a fixed ``train.global_batch``: a ZeRO-3 resume at another world size changes the per-rank
+    batch (``keep_global_batch``) before the launcher fixes the derived accumulation in config.yaml. Old order: the
+    launcher derived accumulation from the old batch (32 / (4 x 4) = 2), the worker then halved the batch, and its
+    world check refused 2 x 2 x 4 = 16 != 32 on every restart."""
+    from medfm.launch.launcher import prepare
+    from medfm.launch.world import World
+    from medfm.model_zoo import checkpoint_io as layout
+    from medfm.pretrain.config import load_run_config, write_run_config
+    from medfm.pretrain.reshard import keep_global_batch
+
+    shards = make_shards(tmp_path / "shards", n=8, modalities=("image", "text"))
+    run_dir = tmp_path / "run"
+    cfg = run_config(run_dir, shards, [{"name": "mae:image"}], ("image",), batch=4, steps=4,
+                     train={"strategy": "zero3", "grad_accum": 0, "global_batch": 32},
+                     checkpoint={"resume": "latest"})
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(cfg))
+    # the checkpoint a world of 2 wrote: batch 4 per rank, accumulation 4 (global batch 32); the loader's global
+    # batch per micro-step is 4 x 2 = 8
+    root = run_dir / "checkpoints"
+    client = layout.client_file(root, "step2")
+    client.parent.mkdir(parents=True)
+    client.write_text(json.dumps({"step": 2, "loader": {"global_batch": 8}}))
+    layout.mark_complete(root, "step2", world_size=2, step=2)
+
+    launched = prepare(recipe, [], World(nproc_per_node=4))
+    assert (launched.data.batch_size, launched.train.grad_accum) == (2, 4)
+    write_run_config(launched)
+    worker = load_run_config(launched.config_file)  # what every rank of the new world starts from
+    keep_global_batch(worker, 4)
+    worker.resolve_world(4)
+    assert worker.global_batch(4) == 32 and worker.train.grad_accum == 4

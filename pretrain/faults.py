@@ -11,6 +11,8 @@ restarted worker does not fire it again:
   are written, before its client state and before the checkpoint is marked complete.
 * ``kill-at-step:S`` — SIGKILL right after optimizer step S (logged, not checkpointed unless S is a checkpoint
   step): the restart replays the steps since the last checkpoint.
+* ``abort-at-exit:S`` — after step S, arm an abort for interpreter teardown: what gloo's threads sometimes do to a
+  worker whose run has finished ("terminate called without an active exception"), made deterministic.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import signal
 import sys
 from dataclasses import dataclass
 
-MODES = ("kill-after-checkpoint", "kill-in-save", "kill-at-step")
+MODES = ("kill-after-checkpoint", "kill-in-save", "kill-at-step", "abort-at-exit")
 ENV = "MEDFM_FAULT"
 
 
@@ -81,3 +83,8 @@ class FaultInjector:
         """Called by the loop after optimizer step ``step`` is logged (before its checkpoint, if any)."""
         if any(f.mode == "kill-at-step" and f.step == step for f in self.faults):
             _kill_self(f"after step {step}", self.rank)
+        if any(f.mode == "abort-at-exit" and f.step == step for f in self.faults):
+            import atexit
+
+            print(f"medfm fault injection: rank {self.rank} aborts at interpreter exit", file=sys.stderr, flush=True)
+            atexit.register(os.abort)

@@ -27,6 +27,8 @@ def names() -> list[str]:
 
 
 def _name_of(text: str) -> str:
+    if text.startswith(("./", ".\\")):  # an explicit relative path is a file the user means, never a recipe name
+        return ""
     name = text.replace("\\", "/").removesuffix(SUFFIX)
     return name[len("configs/"):] if name.startswith("configs/") else name
 

@@ -117,6 +117,8 @@ def test_a_recipe_name_works_where_a_path_does_from_any_directory(tmp_path, monk
     assert load_run_config("tiny_cpu.yaml").name == "mine"  # an existing file wins over the recipe name
     with pytest.raises(ConfigError, match="config file not found"):
         load_run_config("no_such_recipe")
+    with pytest.raises(ConfigError, match="config file not found"):  # ./ names a file: no silent shipped recipe
+        load_run_config("./volume_base.yaml")
 
 
 def test_every_shipped_recipe_reads_and_validates_against_its_schema():

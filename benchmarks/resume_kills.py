@@ -1,5 +1,5 @@
 """Exact resume under random rank kills, for the record: the demo's multimodal recipe shrunk to CPU seconds
-(tests/test_pretrain_helpers.demo_like_config: three sources, round-robin groups, every objective, ZeRO-3, 2 ranks)
+(tests/pretrain_support.demo_like_config: three sources, round-robin groups, every objective, ZeRO-3, 2 ranks)
 trained once uninterrupted, then ``--trials`` times with one SIGKILL each at a random step of a random rank under
 ``medfm launch --max-restarts 1``. A trial counts as exact when its final consolidated fp32 weights equal the
 uninterrupted run's bit for bit.
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_pretrain_helpers import demo_like_config, final_weights, launch_with_kills  # noqa: E402
+from pretrain_support import demo_like_config, final_weights, launch_with_kills  # noqa: E402
 
 
 def main() -> int:

@@ -36,7 +36,7 @@ STEPS, WARMUP = 12, 3
 
 def _ensure_shards(tmp: Path) -> Path:
     """Written once by the parent process (torchrun ranks only read them)."""
-    from test_pretrain_helpers import make_shards
+    from pretrain_support import make_shards
 
     shards = tmp / "shards"
     if not (shards / "manifest.json").is_file():
@@ -62,7 +62,7 @@ ZERO_PRESETS = {
 
 
 def _config(tmp: Path, strategy: str, size: str = "small", batch: int = 8, zero: dict | None = None) -> RunConfig:
-    from test_pretrain_helpers import run_config
+    from pretrain_support import run_config
 
     shards = tmp / "shards"
     spec = SIZES[size]

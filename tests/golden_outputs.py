@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_pretrain_helpers import make_shards, run_config  # noqa: E402
+from pretrain_support import make_shards, run_config  # noqa: E402
 
 
 def _weights_digest(path: Path) -> dict:

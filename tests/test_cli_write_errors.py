@@ -79,7 +79,7 @@ def test_pretrain_run_dir_that_cannot_be_written_is_one_line(tmp_path, capsys):
     import yaml
 
     sys.path.insert(0, str(pathlib.Path(__file__).parent))
-    from test_pretrain_helpers import make_shards, run_config
+    from pretrain_support import make_shards, run_config
 
     shards = make_shards(tmp_path / "shards", n=4, modalities=("image",), per_shard=4)
     blocker = tmp_path / "a-file"

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_pretrain_helpers import make_shards, run_config, tower_specs  # noqa: E402
+from pretrain_support import make_shards, run_config, tower_specs  # noqa: E402
 
 from medfm.model_zoo import build_multimodal  # noqa: E402
 from medfm.model_zoo.init_from import InitFromError, apply_init_from, load_into, open_source  # noqa: E402

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_pretrain_helpers import MODS, make_shards, run_config  # noqa: E402
+from pretrain_support import MODS, make_shards, run_config  # noqa: E402
 
 from medfm.configs import registry  # noqa: E402
 from medfm.launch.cli import main  # noqa: E402
@@ -24,7 +24,7 @@ from medfm.schema import read_yaml_mapping  # noqa: E402  (recipes with their ba
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = sorted(p for p in [*CONFIGS.glob("*.yaml"), *CONFIGS.glob("pretrain/*.yaml")]
                  if registry.kind(p.relative_to(CONFIGS).with_suffix("").as_posix()) == "run")  # sweeps: own dry run
-HELPER = str(Path(__file__).parent / "test_pretrain_helpers.py")
+HELPER = str(Path(__file__).parent / "pretrain_support.py")
 
 
 def _modalities(source_path: str) -> tuple[str, ...]:

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_pretrain_helpers import demo_like_config, final_weights, launch_with_kills  # noqa: E402
+from pretrain_support import demo_like_config, final_weights, launch_with_kills  # noqa: E402
 
 pytestmark = pytest.mark.slow
 STEPS, EVERY = 12, 3

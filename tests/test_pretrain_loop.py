@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_pretrain_helpers import make_shards, run_config  # noqa: E402
-from test_shards_loader_helpers import _npy, _tar_bytes  # noqa: E402
+from pretrain_support import make_shards, run_config  # noqa: E402
+from shards_loader_support import _npy, _tar_bytes  # noqa: E402
 
 from medfm.pretrain import faults as faults_mod  # noqa: E402
 from medfm.pretrain.config import RunConfig  # noqa: E402

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_pretrain_helpers import make_shards, run_config  # noqa: E402
+from pretrain_support import make_shards, run_config  # noqa: E402
 
 from medfm.pretrain.config import RunConfig  # noqa: E402
 from medfm.schema import from_dict  # noqa: E402
@@ -73,7 +73,7 @@ def test_zero3_resume_is_exact_with_a_plan_that_skips_towers(tmp_path, accum):
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    from test_pretrain_helpers import demo_like_config
+    from pretrain_support import demo_like_config
 
     cfg = demo_like_config(tmp_path / "shards", tmp_path / "run", steps=6, every=3)
     cfg["data"]["num_workers"] = 0

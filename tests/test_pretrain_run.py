@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_pretrain_helpers import make_shards, run_config  # noqa: E402
+from pretrain_support import make_shards, run_config  # noqa: E402
 
 from medfm.pretrain.config import RunConfig, load_run_config  # noqa: E402
 from medfm.schema import ConfigError, from_dict  # noqa: E402

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_pretrain_helpers import make_shards, run_config  # noqa: E402
+from pretrain_support import make_shards, run_config  # noqa: E402
 
 
 def test_local_sqlite_tracking_keeps_artifacts_in_run_dir(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_pretrain_helpers import make_shards, run_config  # noqa: E402
+from pretrain_support import make_shards, run_config  # noqa: E402
 
 from medfm.launch.cli import main  # noqa: E402
 

@@ -14,7 +14,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from test_shards_loader_helpers import make_dataset, make_sample, plant_corruption
+from shards_loader_support import make_dataset, make_sample, plant_corruption
 
 from medfm.schema import ConfigError, from_dict
 from medfm.shards.augment import AugmentConfig, augment_sample

@@ -14,13 +14,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from test_shards_loader_helpers import make_dataset, plant_corruption
+from shards_loader_support import make_dataset, plant_corruption
 
 from medfm.pretrain.world_env import env_outside_world
 
 pytestmark = pytest.mark.slow
 
-HELPER = Path(__file__).with_name("test_shards_loader_helpers.py")
+HELPER = Path(__file__).with_name("shards_loader_support.py")
 TIMEOUT_S = 240
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_shards_loader_helpers import make_dataset
+from shards_loader_support import make_dataset
 
 from medfm.pretrain.world_env import env_outside_world
 from medfm.shards.loader import LoaderConfig, ShardLoader, SourceConfig
@@ -111,7 +111,7 @@ def test_a_manifest_without_member_checksums_still_loads(clean, tmp_path):
 def test_pretrain_exits_1_with_one_line_naming_the_shard(tmp_path, capsys):
     sys.path.insert(0, str(Path(__file__).parent))
     import yaml
-    from test_pretrain_helpers import make_shards, run_config
+    from pretrain_support import make_shards, run_config
 
     from medfm.launch.cli import main
 
@@ -127,7 +127,7 @@ def test_pretrain_exits_1_with_one_line_naming_the_shard(tmp_path, capsys):
 
 def test_skip_mode_run_reports_the_loss_in_log_metrics_and_checkpoint(tmp_path, capsys):
     sys.path.insert(0, str(Path(__file__).parent))
-    from test_pretrain_helpers import make_shards, run_config
+    from pretrain_support import make_shards, run_config
 
     from medfm.pretrain.config import RunConfig
     from medfm.pretrain.train import run
@@ -149,7 +149,7 @@ def test_skip_mode_run_reports_the_loss_in_log_metrics_and_checkpoint(tmp_path, 
 def test_launch_stops_on_a_bad_shard_before_starting_ranks(tmp_path, capsys):
     sys.path.insert(0, str(Path(__file__).parent))
     import yaml
-    from test_pretrain_helpers import make_shards, run_config
+    from pretrain_support import make_shards, run_config
 
     from medfm.launch.cli import main
 
@@ -171,7 +171,7 @@ def test_mid_run_skips_are_summed_over_ranks_in_logs_and_checkpoint(tmp_path):
     import subprocess
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from test_pretrain_helpers import make_shards, run_config
+    from pretrain_support import make_shards, run_config
     from test_pretrain_loop import _plant_bad_shard
 
     data = Path(make_shards(tmp_path / "shards", n=8, modalities=("image",), per_shard=4))
@@ -180,7 +180,7 @@ def test_mid_run_skips_are_summed_over_ranks_in_logs_and_checkpoint(tmp_path):
                      train={"strategy": "ddp"}, checkpoint={"final": True})
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"phases": [{"config": cfg}], "out": str(tmp_path / "out.json")}))
-    helper = Path(__file__).with_name("test_pretrain_helpers.py")
+    helper = Path(__file__).with_name("pretrain_support.py")
     env = {**env_outside_world(), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(helper.parent)}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(helper), str(spec)], env=env, capture_output=True, text=True, timeout=600)

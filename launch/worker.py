@@ -109,19 +109,7 @@ def main(argv=None) -> int:
         collectives.shutdown()
 
 
-def leave(rc: int):
-    """End the worker process with ``rc`` and without interpreter teardown. After the run has finished (checkpoint,
-    tracker and logs written, process group destroyed), objects that DeepSpeed or gloo still reference are
-    destroyed at teardown, and their threads intermittently abort the process ("terminate called without an active
-    exception"; 1 run in 3 of the elastic kill test): torchrun reads a finished worker as failed and restarts or
-    fails the job. Nothing a worker needs runs at teardown, so it is skipped."""
-    import logging
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    logging.shutdown()
-    os._exit(rc)
-
-
 if __name__ == "__main__":
-    leave(main())
+    from medfm.pretrain import collectives
+
+    collectives.leave(main())  # no interpreter teardown after the run (collectives.leave says why)

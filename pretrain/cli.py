@@ -6,6 +6,7 @@ into one fp32 safetensors file (what model_zoo's release takes); ``medfm pretrai
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -16,7 +17,12 @@ from medfm.schema.atomic import atomic_path
 def _pretrain(args) -> int:
     from medfm.pretrain.config import load_run_config
 
-    return train_and_report(load_run_config(args.config, args.overrides))
+    rc = train_and_report(load_run_config(args.config, args.overrides))
+    if os.environ.get("TORCHELASTIC_RUN_ID"):  # a worker of the user's own torchrun: no teardown after the run
+        from medfm.pretrain import collectives
+
+        collectives.leave(rc)
+    return rc
 
 
 def train_and_report(cfg) -> int:

@@ -143,3 +143,19 @@ def test_teardown_cannot_fail_a_finished_worker(tmp_path, shards):
     assert "aborts at interpreter exit" in out, out[-4000:]
     assert proc.returncode == 0, out[-4000:]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step2"
+
+
+@pytest.mark.slow
+def test_teardown_cannot_fail_medfm_pretrain_under_a_users_torchrun(tmp_path, shards):
+    """The same for ``torchrun -m medfm.launch.cli pretrain`` (the DESIGN contract's "one process of a torchrun
+    world", and what gpu_check runs on a GPU): a finished rank that would abort at teardown exits 0."""
+    run_dir = tmp_path / "own_torchrun"
+    config = _config(tmp_path, shards, run_dir)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "medfm.launch.cli", "pretrain", str(config), "train.steps=2"]
+    proc = subprocess.run(cmd, env=_env(MEDFM_FAULT="abort-at-exit:2:1"), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=TIMEOUT)
+    out = proc.stdout + proc.stderr
+    assert "aborts at interpreter exit" in out, out[-4000:]
+    assert proc.returncode == 0, out[-4000:]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step2"

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pretrain_support import make_shards, run_config  # noqa: E402
+from pretrain_support import make_shards, run_config, write_cls_suite  # noqa: E402
 
 
 def _weights_digest(path: Path) -> dict:
@@ -27,8 +27,6 @@ def _weights_digest(path: Path) -> dict:
 
 
 def pipeline(root: Path) -> dict:
-    import yaml
-
     from medfm.launch.cli import main
     from medfm.pretrain.config import RunConfig
     from medfm.pretrain.train import run
@@ -45,18 +43,7 @@ def pipeline(root: Path) -> dict:
         res = run(from_dict(RunConfig, cfg))
         assert res.status == "finished", res
         legs.extend({k: round(float(v), 6) for k, v in row.items()} for row in res.losses)
-    names = ["left effusion", "normal study", "cardiomegaly", "rib fracture"]  # make_sample's captions by class
-    prompts = root / "prompts.yaml"
-    prompts.write_text(yaml.safe_dump({"templates": ["{}"], "classes": {f"c{k}": [t] for k, t in enumerate(names)}}))
-    data = {"dir": str(shards), "train": "train", "val": None, "test": "train"}  # the fixture has one split
-    suite = root / "suite.yaml"
-    suite.write_text(yaml.safe_dump({"name": "golden", "n_boot": 20, "seed": 0, "tasks": [
-        {"name": "cls_probe", "data": data, "modality": "image", "kind": "multiclass", "label": "cls",
-         "classes": [f"c{k}" for k in range(4)], "protocol": "logistic"},
-        {"name": "cls_zeroshot", "data": data, "modality": "image", "kind": "multiclass", "label": "cls",
-         "classes": [f"c{k}" for k in range(4)], "protocol": "zeroshot", "prompts": str(prompts)},
-        {"name": "pairs_retrieval", "data": data, "modality": "image", "protocol": "retrieval",
-         "options": {"ks": [1, 5]}}]}))
+    suite = write_cls_suite(root / "suite.yaml", shards, "golden", 20, ("logistic", "zeroshot", "retrieval"))
     assert main(["eval", str(root / "run"), "--suite", str(suite), "--out", str(root / "ev")]) == 0
     report = json.loads((root / "ev" / "report.json").read_text())
     results = sorted([r["task"], r["metric"], json.dumps(r.get("params"), sort_keys=True), round(r["value"], 6),

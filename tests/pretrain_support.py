@@ -65,6 +65,27 @@ def make_shards(out_dir, n: int = 32, modalities=MODS, per_shard: int = 8, prefi
     return str(out_dir)
 
 
+
+def write_cls_suite(path: Path, shards: str, name: str, n_boot: int, protocols=("zeroshot", "retrieval")) -> Path:
+    """An eval suite over :func:`make_shards` data (one split, train = test) at ``path``: the 4-class ``cls`` label
+    by ``logistic`` probe and/or ``zeroshot`` (prompts = make_sample's captions by class, written beside it), and
+    image-text ``retrieval`` (R@1, R@5), in the order ``protocols`` names them."""
+    import yaml
+
+    names = ["left effusion", "normal study", "cardiomegaly", "rib fracture"]  # make_sample's captions by class
+    prompts = path.with_name(f"{path.stem}_prompts.yaml")
+    prompts.write_text(yaml.safe_dump({"templates": ["{}"], "classes": {f"c{k}": [t] for k, t in enumerate(names)}}))
+    data = {"dir": str(shards), "train": "train", "val": None, "test": "train"}  # the fixture has one split
+    cls = {"data": data, "modality": "image", "kind": "multiclass", "label": "cls",
+           "classes": [f"c{k}" for k in range(4)]}
+    tasks = {"logistic": {"name": "cls_probe", **cls, "protocol": "logistic"},
+             "zeroshot": {"name": "cls_zeroshot", **cls, "protocol": "zeroshot", "prompts": str(prompts)},
+             "retrieval": {"name": "pairs_retrieval", "data": data, "modality": "image", "protocol": "retrieval",
+                           "options": {"ks": [1, 5]}}}
+    path.write_text(yaml.safe_dump({"name": name, "n_boot": n_boot, "seed": 0,
+                                    "tasks": [tasks[p] for p in protocols]}))
+    return path
+
 def tower_specs(modalities) -> dict:
     tiny = {"width": 32, "depth": 1, "num_heads": 2}
     specs = {

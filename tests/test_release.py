@@ -12,7 +12,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pretrain_support import make_shards, run_config  # noqa: E402
+from pretrain_support import make_shards, run_config, write_cls_suite  # noqa: E402
 
 from medfm.launch.cli import main  # noqa: E402
 
@@ -144,21 +144,10 @@ def test_the_release_reproduces_its_card(trained, tmp_path):
     """Evaluate the checkpoint, release it with that report as its card, evaluate the release with `medfm eval`:
     the zero-shot and retrieval rows (same suite, same seed) are the card's, to the printed digit and exactly in
     report.json. Old code re-read the release's text with another tokenizer, so its text numbers were not the card's."""
-    import yaml
-
     from medfm.launch.release import _eval_table
 
     root, shards, _ = trained
-    names = ["left effusion", "normal study", "cardiomegaly", "rib fracture"]  # make_sample's captions by class
-    prompts = tmp_path / "prompts.yaml"
-    prompts.write_text(yaml.safe_dump({"templates": ["{}"], "classes": {f"c{k}": [t] for k, t in enumerate(names)}}))
-    data = {"dir": str(shards), "train": "train", "val": None, "test": "train"}  # the fixture has one split
-    suite = tmp_path / "suite.yaml"
-    suite.write_text(yaml.safe_dump({"name": "repro", "n_boot": 50, "seed": 0, "tasks": [
-        {"name": "cls_zeroshot", "data": data, "modality": "image", "kind": "multiclass", "label": "cls",
-         "classes": [f"c{k}" for k in range(4)], "protocol": "zeroshot", "prompts": str(prompts)},
-        {"name": "pairs_retrieval", "data": data, "modality": "image", "protocol": "retrieval",
-         "options": {"ks": [1, 5]}}]}))
+    suite = write_cls_suite(tmp_path / "suite.yaml", shards, "repro", 50)
     assert main(["eval", str(root / "run"), "--suite", str(suite), "--out", str(tmp_path / "ev_ckpt")]) == 0
     zoo = tmp_path / "zoo"
     assert main(["release", str(root / "run"), "--name", "repro", "--version", "1", "--zoo", str(zoo),

@@ -31,7 +31,7 @@ class TrainMetrics:
     def __init__(self, module, cfg, world: int, peak: float | None, peak_source: str, train_flops: float = 0.0,
                  samples_seen: int = 0):
         self.module, self.model_cfg, self.world = module, cfg.model, world
-        self.grad_accum = cfg.train.grad_accum
+        self.grad_accum = cfg.grad_accum(world)  # RunConfig owns the rule (train.grad_accum, or derived when 0)
         self.samples_per_step = cfg.global_batch(world)
         self.peak, self.peak_source = peak, peak_source
         self.analytic = formulas_cover([o.cfg for o in module.objectives])
